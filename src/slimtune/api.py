@@ -1,0 +1,140 @@
+"""High-level entry points used by the CLI: train from a config, reload a finished run, export it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimtune import config as C
+from slimtune import memory, models
+from slimtune.data import load_split
+from slimtune.errors import UserError
+from slimtune.evaluate import EvalResult
+from slimtune.methods import apply as apply_method
+from slimtune.methods.base import Adapted
+from slimtune.tasks import get_task
+from slimtune.trainer import Trainer
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+RUN_CONFIG = "config.yaml"
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def print_eval(title: str, res: EvalResult) -> None:
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items())
+    _say(f"{title}: eval loss {res.loss:.4f}, perplexity {res.perplexity:.2f}" + (f", {metrics}" if metrics else ""))
+
+
+def print_samples(before: EvalResult | None, after: EvalResult) -> None:
+    for i, s in enumerate(after.samples):
+        _say(f"  [{i + 1}] {s['prompt'][:160]!r}")
+        _say(f"      reference: {s['reference'][:120]!r}")
+        if before is not None and i < len(before.samples):
+            _say(f"      before:    {before.samples[i]['output'][:120]!r}")
+        _say(f"      after:     {s['output'][:120]!r}")
+
+
+def new_run_dir(cfg: C.RunConfig) -> Path:
+    task = cfg.data.task or Path(cfg.data.path or "data").stem
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.train.output_dir.format(method=cfg.method.name, task=task, time=stamp))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"train.output_dir '{run_dir}' already holds files; continue it with "
+                        f"`slimtune train --resume {run_dir}` or choose another train.output_dir")
+    return run_dir
+
+
+@dataclass
+class Prepared:
+    adapted: Adapted
+    tok: object
+
+
+def prepare(cfg: C.RunConfig) -> Prepared:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model, tok = models.load(cfg.model.name, cfg.model.dtype,
+                             device="cuda" if torch.cuda.is_available() else "cpu")
+    return Prepared(apply_method(model, cfg.method), tok)
+
+
+def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
+    """Run one training job end to end; print before/after results; return the results dict."""
+    t0 = time.perf_counter()
+    run_dir = resume_dir if resume_dir is not None else new_run_dir(cfg)
+    task = get_task(cfg.data.task) if cfg.data.task else None
+    p = prepare(cfg)
+    train_data, eval_data, eval_records, fmt = load_split(cfg.data, p.tok)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    C.save_config(cfg, run_dir / RUN_CONFIG)
+    n_train = sum(x.numel() for x in p.adapted.trainable_parameters())
+    n_total = sum(x.numel() for x in p.adapted.model.parameters())
+    _say(f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
+         f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}")
+    trainer = Trainer(p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir)
+    before_path = run_dir / "eval_before.json"
+    if resume_dir is not None and before_path.is_file():
+        before = EvalResult(**json.loads(before_path.read_text()))
+    else:
+        before = trainer.run_eval()
+        before_path.write_text(json.dumps(before.__dict__, indent=2))
+    print_eval("before", before)
+    result = trainer.train(resume=resume_dir is not None)
+    after = trainer.run_eval()
+    trainer.close()
+    print_eval("after ", after)
+    print_samples(before, after)
+    final = p.adapted.save(run_dir / FINAL, {"base_model": cfg.model.name, "dtype": cfg.model.dtype})
+    mem = p.adapted.memory_report()
+    mem["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
+    results = {
+        "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task, "steps": result.steps,
+        "before": before.summary(), "after": after.summary(), "train_loss_first": result.first_loss,
+        "train_loss_last": result.last_loss, "train_wall_s": result.train_s,
+        "total_wall_s": time.perf_counter() - t0, "tokens": result.tokens, "peak_bytes": result.peak_bytes,
+        "trainable_params": n_train, "total_params": n_total, "memory_by_role": mem,
+        "samples": after.samples, "saved": str(final),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    _say(f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
+         f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}")
+    _say(f"saved: {final}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
+    return results
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[C.RunConfig, Prepared]:
+    """Rebuild a finished run: base model + method + the trained state from ``<run>/final``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise UserError(f"run '{run_dir}': no {RUN_CONFIG} here (not a slimtune run directory)")
+    cfg = C.load_config(run_dir / RUN_CONFIG, overrides)
+    src = run_dir / FINAL if (run_dir / FINAL).is_dir() else run_dir / "checkpoint" / "method"
+    if not src.is_dir():
+        raise UserError(f"run '{run_dir}': no trained state (neither final/ nor checkpoint/method/)")
+    p = prepare(cfg)
+    p.adapted.load(src)
+    p.adapted.model.eval()
+    return cfg, p
+
+
+def export(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a merged plain HF model (+ tokenizer) that loads with ``AutoModelForCausalLM.from_pretrained``."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"export: output directory '{out}' is not empty; choose a new one")
+    _, p = load_run(run_dir)
+    merged = p.adapted.merge()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out))
+    p.tok.save_pretrained(str(out))
+    return out

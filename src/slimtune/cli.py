@@ -1,0 +1,193 @@
+"""`slimtune` command line: thin subcommands that parse arguments and call the library.
+
+User errors print one line (``slimtune: error: ...``) and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from slimtune.errors import ConfigError, UserError
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Unsupported layer type.*")
+    logging.basicConfig(level=logging.WARNING, format="slimtune: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on CPU
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_train(args) -> int:
+    from slimtune import api
+    from slimtune import config as C
+
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / api.RUN_CONFIG).is_file():
+            raise UserError(f"--resume '{run}': no {api.RUN_CONFIG} there (not a slimtune run directory)")
+        if args.config:
+            args.overrides = [args.config, *args.overrides] if "=" in args.config else args.overrides
+        cfg = C.load_config(run / api.RUN_CONFIG, args.overrides)
+        api.train(cfg, resume_dir=run)
+        return 0
+    if not args.config:
+        raise UserError("train: give a CONFIG.yaml (or --resume RUN_DIR)")
+    cfg = C.load_config(args.config, args.overrides)
+    api.train(cfg)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from slimtune import config as C
+
+    cfg = C.load_config(args.config, args.overrides)
+    print(f"{args.config}: ok (method {cfg.method.name}, model {cfg.model.name}, "
+          f"data {cfg.data.task or cfg.data.path}, {cfg.train.steps} steps)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from slimtune.methods import METHODS
+    from slimtune.models import ALIASES
+    from slimtune.tasks import TASKS
+
+    print("methods:")
+    for spec in METHODS.values():
+        print(f"  {spec.name:<8} {spec.summary}")
+    print("model aliases:")
+    for name, alias in ALIASES.items():
+        print(f"  {name:<14} {alias.description}")
+    print("tasks:")
+    for t in TASKS.values():
+        print(f"  {t.name:<16} {t.description} [{t.metric_name}]")
+    return 0
+
+
+def _load_target(args):
+    """A finished run (RUN_DIR) or a bare model (--model) with no method applied."""
+    from slimtune import api, models
+    from slimtune.methods import apply, make_config
+
+    if args.run:
+        return api.load_run(args.run)
+    if not args.model:
+        raise UserError("give a RUN_DIR or --model NAME")
+    model, tok = models.load(args.model)
+    return None, api.Prepared(apply(model, make_config("full")), tok)
+
+
+def cmd_eval(args) -> int:
+    from slimtune import api
+    from slimtune.data import load_split
+    from slimtune.evaluate import evaluate
+    from slimtune.tasks import get_task
+
+    cfg, p = _load_target(args)
+    data_cfg = cfg.data if cfg is not None else None
+    if args.task:
+        from slimtune.config import DataConfig
+
+        data_cfg = DataConfig(task=args.task, eval_size=args.eval_size)
+    if data_cfg is None:
+        raise UserError("eval: give --task with --model")
+    _, evald, records, _ = load_split(data_cfg, p.tok)
+    task = get_task(data_cfg.task) if data_cfg.task else None
+    res = evaluate(p.adapted, p.tok, evald, records, task, batch_size=8, num_samples=args.samples)
+    api.print_eval("eval", res)
+    api.print_samples(None, res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.summary(), indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from slimtune.evaluate import generate
+
+    _, p = _load_target(args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    records = [{"instruction": q, "input": ""} for q in prompts]
+    for q, out in zip(prompts, generate(p.adapted, p.tok, records, args.max_new_tokens, batch_size=8)):
+        print(f"> {q}\n{out}\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from slimtune import api
+
+    out = api.export(args.run, args.out)
+    print(f"exported a merged plain model to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config (+ dotted key=value overrides)")
+    t.add_argument("config", nargs="?", help="CONFIG.yaml")
+    t.add_argument("overrides", nargs="*", help="e.g. train.steps=100 method.r=8")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.set_defaults(fn=cmd_train)
+
+    v = sub.add_parser("validate", help="check a config and report every problem at once")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(fn=cmd_validate)
+
+    lst = sub.add_parser("list", help="methods, model aliases and tasks")
+    lst.set_defaults(fn=cmd_list)
+
+    for name, fn, helptext in (("eval", cmd_eval, "evaluate a run (or a base model on a task)"),
+                               ("generate", cmd_generate, "greedy generations from a run or a base model")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("run", nargs="?", help="RUN_DIR written by `slimtune train`")
+        s.add_argument("--model", help="a base model (alias, HF dir, .gguf) instead of a run")
+        if name == "eval":
+            s.add_argument("--task", help="evaluate on this built-in task instead of the run's data")
+            s.add_argument("--eval-size", type=int, default=200)
+            s.add_argument("--samples", type=int, default=3, help="generations to show")
+            s.add_argument("--json", help="also write the metrics to this file")
+        else:
+            s.add_argument("--prompt", action="append", help="a prompt (repeatable); default: lines of stdin")
+            s.add_argument("--max-new-tokens", type=int, default=64)
+        s.set_defaults(fn=fn)
+
+    e = sub.add_parser("export", help="write a merged plain HF model from a run")
+    e.add_argument("run", help="RUN_DIR")
+    e.add_argument("--out", required=True, help="new directory for the merged model")
+    e.set_defaults(fn=cmd_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"slimtune: error: {problem}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(f"slimtune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

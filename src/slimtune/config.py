@@ -1,0 +1,332 @@
+"""Run configuration: YAML -> nested dataclasses, dotted ``key=value`` overrides, all problems reported at once.
+
+Every config dataclass lists its fields with a docstring line each and a ``check()`` that returns
+``(field, message)`` pairs; :func:`build` turns a plain dict into the dataclass, collecting unknown keys, wrong
+types and bad values from every section before raising one :class:`~slimtune.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from slimtune.errors import ConfigError, UserError
+
+Problem = tuple[str, str]  # (field name, message)
+
+
+class Checked:
+    """Mixin: ``__post_init__`` raises a ConfigError listing every problem ``check()`` finds."""
+
+    def check(self) -> list[Problem]:
+        return []
+
+    def __post_init__(self) -> None:
+        problems = self.check()
+        if problems:
+            raise ConfigError([f"{k}: {msg}" for k, msg in problems])
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> list[Problem]:
+    if value not in allowed:
+        return [(name, f"{value!r} is not one of {', '.join(map(str, allowed))}")]
+    return []
+
+
+def _positive(obj: Any, *names: str, allow_zero: bool = False) -> list[Problem]:
+    out = []
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+            out.append((n, f"{v!r} must be {'>= 0' if allow_zero else '> 0'}"))
+    return out
+
+
+@dataclass
+class ModelConfig(Checked):
+    name: str = "smollm2-135m"
+    """An alias (see `slimtune list`), an HF model directory, or a .gguf file."""
+    dtype: str = "auto"
+    """Weight/compute dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16."""
+
+    def check(self) -> list[Problem]:
+        return _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class DataConfig(Checked):
+    task: str | None = None
+    """A built-in task (sentiment, trivia, translate-en-de, arith); gives data and a metric."""
+    path: str | None = None
+    """Your training data: .jsonl, .csv, .parquet or a saved HF dataset directory (instead of a task)."""
+    eval_path: str | None = None
+    """Optional held-out data in the same format as `path`."""
+    format: str = "auto"
+    """text | instruction | chat | auto (guessed from the fields of the first row)."""
+    max_length: int = 256
+    """Sequences are truncated to this many tokens (a warning counts how many)."""
+    packing: bool = False
+    """Concatenate examples into full-length rows (text-style training)."""
+    train_size: int | None = None
+    """Use at most this many training examples (None: all)."""
+    eval_size: int | None = 200
+    """Evaluate on at most this many held-out examples (None: all)."""
+    seed: int = 0
+    """Seed of the fixed train/eval split of built-in tasks."""
+
+    def check(self) -> list[Problem]:
+        out = _choice("format", self.format, ("auto", "text", "instruction", "chat"))
+        out += _positive(self, "max_length", "train_size", "eval_size")
+        if self.task is None and self.path is None:
+            out.append(("task", "give either data.task or data.path"))
+        if self.task is not None and self.path is not None:
+            out.append(("path", "give data.task or data.path, not both"))
+        if self.task is not None:
+            from slimtune.tasks import TASKS
+
+            if self.task not in TASKS:
+                out.append(("task", f"{self.task!r} is not one of {', '.join(sorted(TASKS))}"))
+        return out
+
+
+@dataclass
+class TrainConfig(Checked):
+    steps: int = 60
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Micro-batch size (sequences per forward pass, per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps before the schedule."""
+    schedule: str = "cosine"
+    """cosine | linear | constant (after warmup)."""
+    max_grad_norm: float | None = 1.0
+    """Clip gradients to this global norm (None: no clipping)."""
+    grad_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    mixed_precision: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), no, bf16, fp16."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Log loss, tokens/s and memory every N steps."""
+    output_dir: str = "runs/{method}-{task}-{time}"
+    """Where results go; {method}, {task} and {time} (YYYYmmdd-HHMMSS) are filled in. Never overwritten."""
+    seed: int = 0
+    """Seed for initialisation, dropout and data order."""
+    num_generations: int = 3
+    """How many eval prompts to show generations for, before and after."""
+    eval_metric: bool = True
+    """Compute the task metric (accuracy, BLEU, ...) at evaluation, not only loss."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+    def check(self) -> list[Problem]:
+        out = _positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "threads")
+        out += _positive(self, "weight_decay", "warmup_steps", "eval_every", "save_every", "log_every",
+                         "num_generations", allow_zero=True)
+        out += _choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        out += _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        return out
+
+
+@dataclass
+class RunConfig:
+    """Everything one `slimtune train` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(task="sentiment"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: Any = None  # a MethodConfig subclass chosen by method.name
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method.to_dict()
+        return d
+
+
+# ---------------------------------------------------------------- dict -> dataclass with collected problems
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, value) converting YAML scalars to the annotated type where that is lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return False, value
+        items = [_coerce(v, inner) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is Any:
+        return True, value
+    return isinstance(value, tp), value
+
+
+def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``data``; append 'dotted.key: message' strings to ``problems``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs, local = {}, []
+    for key, value in data.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean '{prefix}.{near[0]}'?)" if near else f" (allowed: {', '.join(sorted(fields))})"
+            local.append(f"{prefix}.{key}: unknown key{hint}")
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if not ok:
+            local.append(f"{prefix}.{key}: {value!r} is not {_type_name(hints[key])}")
+            continue
+        kwargs[key] = coerced
+    problems.extend(local)
+    if local:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        problems.extend(f"{prefix}.{p}" for p in err.problems)
+    return None
+
+
+# ---------------------------------------------------------------- YAML + overrides
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.lr=1e-4", "method.r=8"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override '{item}': expected dotted.key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            value = None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': '{part}' is set twice")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}': no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file '{path}'{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}': the top level must be a mapping (model:, data:, train:, method:)")
+    return data
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Validate a full run config dict; raise one ConfigError naming every problem."""
+    from slimtune.methods import METHODS
+
+    problems: list[str] = []
+    sections = {"model", "data", "train", "method"}
+    for key in raw:
+        if key not in sections:
+            near = difflib.get_close_matches(str(key), sorted(sections), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f" (allowed: {', '.join(sorted(sections))})"
+            problems.append(f"{key}: unknown section{hint}")
+    model = build(ModelConfig, raw.get("model"), "model", problems)
+    data = build(DataConfig, raw.get("data", {"task": "sentiment"}), "data", problems)
+    train = build(TrainConfig, raw.get("train"), "train", problems)
+    method_raw = raw.get("method") or {}
+    method = None
+    if not isinstance(method_raw, dict):
+        problems.append(f"method: expected a mapping with 'name', got {method_raw!r}")
+    else:
+        name = method_raw.get("name")
+        if name is None:
+            problems.append(f"method.name: missing (one of {', '.join(METHODS)})")
+        elif name not in METHODS:
+            problems.append(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
+        else:
+            rest = {k: v for k, v in method_raw.items() if k != "name"}
+            method = build(METHODS[name].config_cls, rest, "method", problems)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(model=model, data=data, train=train, method=method)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    raw = read_yaml(path) if path is not None else {}
+    if overrides:
+        raw = merge(raw, parse_overrides(overrides))
+    return from_dict(raw)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    d = cfg.to_dict()
+    path.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")

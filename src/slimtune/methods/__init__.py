@@ -1,0 +1,38 @@
+"""Method registry. A method joins slimtune by adding one ``MethodSpec`` here (and one row to the contract tests)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimtune.errors import UserError
+from slimtune.methods.base import Adapted, MethodConfig, MethodSpec, TrainerHooks
+from slimtune.methods.lora import (
+    FullConfig,
+    LoraMethodConfig,
+    QLoraMethodConfig,
+    apply_full,
+    apply_lora,
+    apply_qlora,
+)
+
+METHODS: dict[str, MethodSpec] = {
+    "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),
+    "lora": MethodSpec("lora", LoraMethodConfig, apply_lora, "adapter", "LoRA via peft (base frozen)"),
+    "qlora": MethodSpec("qlora", QLoraMethodConfig, apply_qlora, "quantized",
+                        "LoRA on an NF4 4-bit frozen base (bitsandbytes or pure-torch NF4)"),
+}
+
+
+def make_config(name: str, **kwargs) -> MethodConfig:
+    """``make_config("lora", r=8)`` -> a validated method config."""
+    if name not in METHODS:
+        raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
+    return METHODS[name].config_cls(**kwargs)
+
+
+def apply(model: nn.Module, cfg: MethodConfig) -> Adapted:
+    """Prepare ``model`` for training with the method ``cfg`` names. The only place a method touches the model."""
+    return METHODS[cfg.name].apply(model, cfg)
+
+
+__all__ = ["METHODS", "Adapted", "MethodConfig", "MethodSpec", "TrainerHooks", "apply", "make_config"]

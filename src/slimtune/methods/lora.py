@@ -1,0 +1,259 @@
+"""Baselines: full fine-tuning, LoRA (peft) and QLoRA (peft LoRA on an NF4 base)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from slimtune.config import Problem, _choice, _positive
+from slimtune.methods.base import CONFIG_FILE, Adapted, MethodConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- full fine-tuning
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    """Full fine-tuning: every parameter of the model is trained."""
+
+    name: ClassVar[str] = "full"
+    freeze_embeddings: bool = False
+    """Keep the token embeddings (and a tied LM head) frozen."""
+
+
+class FullAdapted(Adapted):
+    def merge(self) -> nn.Module:
+        return self.model
+
+
+def apply_full(model: nn.Module, cfg: FullConfig) -> Adapted:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return FullAdapted(model, cfg)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    """LoRA through peft: W x + (alpha/r) B A x on the target linears, base frozen."""
+
+    name: ClassVar[str] = "lora"
+    r: int = 16
+    """Rank of the update."""
+    alpha: float = 32.0
+    """Scale numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module name suffixes to adapt (e.g. [q_proj, v_proj]); 'all-linear' = every linear but the LM head."""
+
+    def check(self) -> list[Problem]:
+        out = _positive(self, "r", "alpha")
+        if not 0 <= self.dropout < 1:
+            out.append(("dropout", f"{self.dropout!r} must be in [0, 1)"))
+        if not self.target_modules:
+            out.append(("target_modules", "must name at least one module"))
+        return out
+
+
+class LoraAdapted(Adapted):
+    """A peft ``PeftModel``; saves in peft's own format so ``PeftModel.from_pretrained`` loads it."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise KeyError(f"unexpected LoRA tensors: {unexpected[:3]}")
+
+    def save(self, out_dir: str | Path, extra_config: dict | None = None) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(out))
+        meta = {"method": self.cfg.to_dict(), "extra_state": self.extra_state, **(extra_config or {})}
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        return out
+
+    def load(self, in_dir: str | Path) -> None:
+        in_dir = Path(in_dir)
+        self.load_state_dict(load_file(str(in_dir / "adapter_model.safetensors")))
+        meta = json.loads((in_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        self.extra_state.update(meta.get("extra_state", {}))
+
+    def merge(self) -> nn.Module:
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        return merged
+
+
+def _peft_lora(model: nn.Module, cfg: LoraMethodConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    lcfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+    )
+    return get_peft_model(model, lcfg)
+
+
+def apply_lora(model: nn.Module, cfg: LoraMethodConfig) -> Adapted:
+    return LoraAdapted(_peft_lora(model, cfg), cfg)
+
+
+# ---------------------------------------------------------------- QLoRA
+
+
+@dataclass
+class QLoraMethodConfig(LoraMethodConfig):
+    """QLoRA: the decoder's linears stored as NF4 (4-bit) and frozen; LoRA trained on top."""
+
+    name: ClassVar[str] = "qlora"
+    double_quant: bool = True
+    """Quantize the per-block scales too (≈0.37 bit/param saved)."""
+    backend: str = "auto"
+    """bitsandbytes | torch | auto (bitsandbytes when it works on this device, else pure-torch NF4)."""
+
+    def check(self) -> list[Problem]:
+        return super().check() + _choice("backend", self.backend, ("auto", "bitsandbytes", "torch"))
+
+
+def bnb_works(device: torch.device) -> bool:
+    """True if bitsandbytes' 4-bit linear runs on ``device`` here (probed once on a tiny layer)."""
+    try:
+        import bitsandbytes as bnb
+
+        lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+        lin = lin.to(device)
+        lin(torch.randn(2, 64, device=device))
+        return True
+    except Exception as err:  # any failure means: use the pure-torch path
+        log.info("bitsandbytes 4-bit not usable on %s (%s); using pure-torch NF4", device, err)
+        return False
+
+
+def _linear_children(model: nn.Module, skip: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    out = []
+    for parent in model.modules():
+        for cname, child in parent.named_children():
+            if type(child) is nn.Linear and id(child) not in skip:
+                out.append((parent, cname, child))
+    return out
+
+
+def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
+    """Replace every decoder ``nn.Linear`` (not the LM head) by a frozen NF4 layer; returns the backend used."""
+    from slimtune.quant.nf4 import NF4Linear
+
+    device = next(model.parameters()).device
+    if backend == "auto":
+        backend = "bitsandbytes" if bnb_works(device) else "torch"
+    head = model.get_output_embeddings()
+    for parent, cname, lin in _linear_children(model, skip={id(head)}):
+        if backend == "bitsandbytes":
+            import bitsandbytes as bnb
+
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=lin.weight.dtype, compress_statistics=double_quant,
+                                  quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=double_quant)
+            if lin.bias is not None:
+                q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+            q = q.to(device)
+        else:
+            q = NF4Linear(lin, double_quant=double_quant)
+        setattr(parent, cname, q)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return backend
+
+
+def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> Adapted:
+    backend = quantize_decoder(model, cfg.backend, cfg.double_quant)
+    if backend == "torch":
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        from slimtune.quant.nf4 import NF4Linear
+
+        peft_model = _peft_lora_custom(model, cfg, {NF4Linear: LoraLinear})
+    else:
+        peft_model = _peft_lora(model, cfg)
+    adapted = QLoraAdapted(peft_model, cfg)
+    adapted.extra_state["nf4_backend"] = backend
+    return adapted
+
+
+def _peft_lora_custom(model: nn.Module, cfg: LoraMethodConfig, mapping: dict) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    if targets == ["all-linear"]:
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in mapping})
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=targets)
+    lcfg._register_custom_module(mapping)
+    return get_peft_model(model, lcfg)
+
+
+class QLoraAdapted(LoraAdapted):
+    def merge(self) -> nn.Module:
+        """Dequantize the NF4 base and fold the LoRA update in: a plain full-precision HF model."""
+        model = copy.deepcopy(self.model)
+        base = model.get_base_model()
+        for name, module in list(base.named_modules()):
+            if not hasattr(module, "base_layer") or not hasattr(module, "lora_A"):
+                continue
+            w = _dequantized(module.base_layer)
+            delta = module.get_delta_weight("default").to(w.dtype) if "default" in module.lora_A else 0
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=module.base_layer.bias is not None,
+                            dtype=w.dtype, device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w + delta)
+                if lin.bias is not None:
+                    lin.bias.copy_(module.base_layer.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent_name), child, lin)
+        for parent, cname, child in list(_quantized_children(base)):
+            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(_dequantized(child))
+            setattr(parent, cname, lin)
+        return base
+
+
+def _quantized_children(model: nn.Module):
+    from slimtune.quant.nf4 import NF4Linear
+
+    for parent in model.modules():
+        for cname, child in parent.named_children():
+            if isinstance(child, NF4Linear) or type(child).__name__ == "Linear4bit":
+                yield parent, cname, child
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    if hasattr(layer, "dequantized_weight"):
+        return layer.dequantized_weight()
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)

