@@ -88,6 +88,10 @@ class DataConfig(Checked):
             out.append(("task", "give either data.task or data.path"))
         if self.task is not None and self.path is not None:
             out.append(("path", "give data.task or data.path, not both"))
+        for key in ("path", "eval_path"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).exists():
+                out.append((key, f"'{value}': no such file or directory"))
         if self.task is not None:
             from slimtune.tasks import TASKS
 
@@ -196,6 +200,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if tp is str:
         return isinstance(value, str), value
@@ -226,13 +235,12 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             continue
         kwargs[key] = coerced
     problems.extend(local)
-    if local:
-        return None
-    try:
-        return cls(**kwargs)
+    try:  # value checks still run on the well-typed keys (defaults stand in for the rest)
+        obj = cls(**kwargs)
     except ConfigError as err:
         problems.extend(f"{prefix}.{p}" for p in err.problems)
-    return None
+        return None
+    return None if local else obj
 
 
 # ---------------------------------------------------------------- YAML + overrides

@@ -102,7 +102,7 @@ def load_trivia(seed: int) -> tuple[list[Record], list[Record]]:
 
 def django_pairs() -> list[tuple[str, str]]:
     root = _package_dir("django", "Django", "translate-en-de")
-    pairs = set()
+    pairs: dict[str, str] = {}  # one German translation per English string (the first catalog's)
     for mo in sorted(root.glob("**/locale/de/LC_MESSAGES/*.mo")):
         with mo.open("rb") as fh:
             catalog = gettext.GNUTranslations(fh)._catalog
@@ -112,8 +112,8 @@ def django_pairs() -> list[tuple[str, str]]:
             src = key.split("\x04", 1)[-1].strip()  # drop a msgctxt
             tgt = value.strip()
             if src and tgt and src != tgt and "\n" not in src:
-                pairs.add((src, tgt))
-    return sorted(pairs)
+                pairs.setdefault(src, tgt)
+    return sorted(pairs.items())
 
 
 def load_translate(seed: int) -> tuple[list[Record], list[Record]]:

@@ -218,42 +218,53 @@ def _peft_lora_custom(model: nn.Module, cfg: LoraMethodConfig, mapping: dict) ->
 
 class QLoraAdapted(LoraAdapted):
     def merge(self) -> nn.Module:
-        """Dequantize the NF4 base and fold the LoRA update in: a plain full-precision HF model."""
-        model = copy.deepcopy(self.model)
-        base = model.get_base_model()
-        for name, module in list(base.named_modules()):
-            if not hasattr(module, "base_layer") or not hasattr(module, "lora_A"):
-                continue
-            w = _dequantized(module.base_layer)
-            delta = module.get_delta_weight("default").to(w.dtype) if "default" in module.lora_A else 0
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=module.base_layer.bias is not None,
-                            dtype=w.dtype, device=w.device)
+        """Dequantize the NF4 base and fold the LoRA update in: a plain full-precision HF model.
+
+        Effective weights are read from the live layers first (a deep copy of a bitsandbytes layer that has
+        repacked its weights for CPU inference does not compute the same thing), then set on a copy.
+        """
+        prefix = "base_model.model."
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        with torch.no_grad():
+            for name, module in self.model.named_modules():
+                if hasattr(module, "base_layer") and hasattr(module, "lora_A") and _is_4bit(module.base_layer):
+                    w = _dequantized(module.base_layer)
+                    if "default" in module.lora_A:
+                        w = w + module.get_delta_weight("default").to(w.dtype)
+                    weights[name.removeprefix(prefix)] = (w, module.base_layer.bias)
+                elif _is_4bit(module) and not name.endswith(".base_layer"):
+                    weights[name.removeprefix(prefix)] = (_dequantized(module), module.bias)
+        base = copy.deepcopy(self.model).get_base_model()
+        for name, (w, bias) in weights.items():
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype, device=w.device)
             with torch.no_grad():
-                lin.weight.copy_(w + delta)
-                if lin.bias is not None:
-                    lin.bias.copy_(module.base_layer.bias)
+                lin.weight.copy_(w)
+                if bias is not None:
+                    lin.bias.copy_(bias)
             parent_name, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent_name), child, lin)
-        for parent, cname, child in list(_quantized_children(base)):
-            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-            with torch.no_grad():
-                lin.weight.copy_(_dequantized(child))
-            setattr(parent, cname, lin)
         return base
 
 
-def _quantized_children(model: nn.Module):
+def _is_4bit(module: nn.Module) -> bool:
     from slimtune.quant.nf4 import NF4Linear
 
-    for parent in model.modules():
-        for cname, child in parent.named_children():
-            if isinstance(child, NF4Linear) or type(child).__name__ == "Linear4bit":
-                yield parent, cname, child
+    return isinstance(module, NF4Linear) or type(module).__name__ == "Linear4bit"
 
 
 def _dequantized(layer: nn.Module) -> torch.Tensor:
+    """The weight a 4-bit layer effectively multiplies by.
+
+    bitsandbytes repacks its CPU weights for inference on first use (its quant_state changes), so the raw codes
+    are not read directly: the layer is applied to the identity matrix, W = layer(I)^T - bias, which is exact
+    for whatever layout and compute dtype the layer uses.
+    """
     if hasattr(layer, "dequantized_weight"):
         return layer.dequantized_weight()
-    import bitsandbytes.functional as F
-
-    return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype)
+    dtype = layer.compute_dtype or torch.float32
+    with torch.no_grad():
+        eye = torch.eye(layer.in_features, dtype=dtype, device=layer.weight.device)
+        out = layer(eye)
+        if layer.bias is not None:
+            out = out - layer.bias.to(out.dtype)
+    return out.T.contiguous().float()

@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random Llama and a tiny real HF tokenizer, saved as an HF model directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "positive negative review movie film",
+    "What is 12 + 30? Answer with the number only.", "Translate this English text to German.",
+] * 20
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tok) -> Path:
+    """An HF model directory (config, safetensors, tokenizer) of a seeded tiny Llama."""
+    from slimtune.models import tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab_size=len(tiny_tok), pad_token_id=tiny_tok.pad_token_id,
+                       eos_token_id=tiny_tok.eos_token_id, bos_token_id=tiny_tok.bos_token_id)
+    model.save_pretrained(d)
+    tiny_tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_model():
+    from slimtune.models import tiny_llama
+
+    return tiny_llama(seed=0)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def instr_jsonl(tmp_path) -> Path:
+    rows = [{"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
+            for a in range(10, 22) for b in (3, 7)]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def batch(vocab: int = 256, b: int = 2, t: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

@@ -1,0 +1,163 @@
+"""The shared contract every method passes. A new method joins by adding one row to CASES."""
+
+import copy
+
+import pytest
+import torch
+
+from slimtune.errors import ConfigError
+from slimtune.methods import METHODS, apply, make_config
+from slimtune.methods.lora import bnb_works, quantize_decoder
+from slimtune.models import tiny_llama
+from tests.conftest import batch
+
+BNB = bnb_works(torch.device("cpu"))
+
+# (id, method name, config kwargs, learning rate for the "loss falls" check)
+CASES = [
+    ("full", "full", {}, 1e-3),
+    ("lora", "lora", {"r": 4, "dropout": 0.0}, 5e-3),
+    ("qlora-torch", "qlora", {"r": 4, "dropout": 0.0, "backend": "torch"}, 5e-3),
+    pytest.param("qlora-bnb", "qlora", {"r": 4, "dropout": 0.0, "backend": "bitsandbytes"}, 5e-3,
+                 marks=pytest.mark.skipif(not BNB, reason="bitsandbytes 4-bit not usable here")),
+]
+
+
+def make(name, kwargs, seed=0):
+    torch.manual_seed(123)
+    return apply(tiny_llama(seed=seed), make_config(name, **kwargs))
+
+
+def reference_model(name, kwargs):
+    """What the adapted model must equal at initialisation."""
+    base = tiny_llama(seed=0)
+    if name == "qlora":
+        quantize_decoder(base, kwargs["backend"], double_quant=True)
+    return base
+
+
+def train_steps(adapted, steps, lr, data):
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=lr)
+    adapted.model.train()
+    losses = []
+    for _ in range(steps):
+        loss = adapted.model(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    adapted.model.eval()
+    return losses
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("case_id,name,kwargs,lr", CASES)
+class TestContract:
+    def test_forward_shapes_and_identity_at_init(self, case_id, name, kwargs, lr):
+        a = make(name, kwargs)
+        a.model.eval()
+        data = batch()
+        out = a.model(**data)
+        assert out.logits.shape == (2, 12, 256) and out.loss.ndim == 0
+        lora_b = [p for n, p in a.model.named_parameters() if "lora_B" in n]
+        assert all(torch.count_nonzero(p) == 0 for p in lora_b)  # LoRA's update starts at exactly zero
+        ref = reference_model(name, kwargs).eval()(**data)
+        if case_id == "qlora-bnb":
+            # bitsandbytes' CPU kernel repacks weights on first inference and computes in bf16: compare loosely
+            assert ((out.logits - ref.logits).norm() / ref.logits.norm()) < 1e-2
+        else:
+            assert torch.allclose(out.logits, ref.logits, atol=1e-5)
+
+    def test_only_method_parameters_change(self, case_id, name, kwargs, lr):
+        a = make(name, kwargs)
+        trainable = {id(p) for p in a.trainable_parameters()}
+        assert trainable, "no trainable parameters"
+        tensors = list(a.model.named_parameters(remove_duplicate=False)) + list(a.model.named_buffers())
+        before = {n: t.detach().clone() for n, t in tensors}
+        train_steps(a, 3, lr, batch())
+        changed = {n for n, t in tensors if not torch.equal(before[n], t)}
+        outside = {n for n, t in tensors if n in changed and id(t) not in trainable}
+        assert changed and not outside, f"changed outside the method: {sorted(outside)[:3]}"
+
+    def test_loss_falls_on_repeated_batch(self, case_id, name, kwargs, lr):
+        a = make(name, kwargs)
+        losses = train_steps(a, 30, lr, batch())
+        assert losses[-1] < 0.85 * losses[0], losses
+
+    def test_save_load_round_trip(self, case_id, name, kwargs, lr, tmp_path):
+        a = make(name, kwargs)
+        train_steps(a, 2, lr, batch())
+        a.save(tmp_path / "m")
+        b = make(name, kwargs)
+        b.load(tmp_path / "m")
+        b.model.eval()
+        data = batch(seed=1)
+        assert torch.allclose(a.model(**data).logits, b.model(**data).logits, atol=1e-6)
+        assert (tmp_path / "m" / "slimtune_config.json").is_file()
+
+    def test_merge_gives_plain_model_with_equal_logits(self, case_id, name, kwargs, lr):
+        a = make(name, kwargs)
+        train_steps(a, 2, lr, batch())
+        data = batch(seed=2)
+        expected = a.model(**data).logits
+        merged = a.merge()
+        assert type(merged).__name__ == "LlamaForCausalLM"
+        assert all(type(m).__module__.startswith(("torch", "transformers")) for m in merged.modules())
+        got = merged.eval()(**data).logits
+        if case_id == "qlora-bnb":  # bnb multiplies by bf16-rounded weights on CPU; the merge is fp32
+            assert ((got - expected).norm() / expected.norm()) < 1e-2
+        else:
+            assert torch.allclose(got, expected, atol=1e-4)
+
+    def test_bad_config_raises_clear_error(self, case_id, name, kwargs, lr):
+        cls = METHODS[name].config_cls
+        bad = {"r": -1} if "r" in cls.__dataclass_fields__ else {"freeze_embeddings": None}
+        if "r" in bad:
+            with pytest.raises(ConfigError, match=r"r: -1 must be > 0"):
+                cls(**bad)
+        else:
+            from slimtune.config import build
+
+            problems = []
+            build(cls, {"freeze_embeddings": "yes"}, "method", problems)
+            assert problems == ["method.freeze_embeddings: 'yes' is not true/false"]
+
+
+def test_peft_loads_lora_output(tmp_path):
+    from peft import PeftModel
+
+    a = make("lora", {"r": 4, "dropout": 0.0})
+    train_steps(a, 2, 1e-2, batch())
+    a.save(tmp_path / "lora")
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=0), str(tmp_path / "lora")).eval()
+    data = batch(seed=3)
+    assert torch.allclose(reloaded(**data).logits, a.model(**data).logits, atol=1e-6)
+
+
+def test_qlora_backends_give_identical_codes_and_logits():
+    if not BNB:
+        pytest.skip("bitsandbytes 4-bit not usable here")
+    a = reference_model("qlora", {"backend": "torch"}).eval()
+    b = reference_model("qlora", {"backend": "bitsandbytes"}).eval()
+    for name in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj"):  # before any forward (bnb repacks then)
+        assert torch.equal(a.model.layers[1].get_submodule(name).qweight, b.model.layers[1].get_submodule(name).weight.data)
+    data = batch()
+    la, lb = a(**data).logits, b(**data).logits
+    assert ((la - lb).norm() / la.norm()) < 1e-2  # bnb computes with bf16-rounded weights on CPU
+
+
+def test_qlora_keeps_no_float_decoder_weights():
+    a = make("qlora", {"r": 4, "backend": "torch"})
+    for n, p in a.model.named_parameters():
+        assert "lora_" in n or "embed" in n or "norm" in n, n
+    frozen = [b for b in a.model.buffers() if b.dtype == torch.uint8]
+    assert sum(b.numel() for b in frozen) > 0
+
+
+def test_copy_of_adapted_is_independent():
+    a = make("lora", {"r": 4})
+    merged = a.merge()
+    assert merged is not a.model and copy.copy(a) is not a
