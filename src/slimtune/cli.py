@@ -132,6 +132,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from slimtune.bench.run import bench, plan_from_args
+
+    plan = plan_from_args(args.methods, args.config, args.overrides, model=args.model, shape=args.shape,
+                          batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                          threads=args.threads, timeout_s=args.timeout)
+    results = bench(plan, args.out)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.json, results.md, results.png")
+    return 0 if all(r.get("ok") for r in results["runs"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -164,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--prompt", action="append", help="a prompt (repeatable); default: lines of stdin")
             s.add_argument("--max-new-tokens", type=int, default=64)
         s.set_defaults(fn=fn)
+
+    b = sub.add_parser("bench", help="measure methods side by side (each run in a fresh process)")
+    b.add_argument("config", nargs="?", help="a YAML under benchmarks/ (model, batch, ..., runs: [...])")
+    b.add_argument("overrides", nargs="*", help="method settings, e.g. lora.r=64 qlora.backend=torch")
+    b.add_argument("--methods", help="comma-separated methods, e.g. full,lora,qlora")
+    b.add_argument("--model", help="alias, HF dir or .gguf (default smollm2-135m)")
+    b.add_argument("--shape", help="a named architecture with random weights (e.g. llama2-7b), no download")
+    b.add_argument("--batch", type=int)
+    b.add_argument("--seq-len", type=int)
+    b.add_argument("--steps", type=int)
+    b.add_argument("--warmup", type=int)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--timeout", type=int, help="seconds per run (default 1800)")
+    b.add_argument("--out", required=True, help="new directory for results.json/.md/.png")
+    b.set_defaults(fn=cmd_bench)
 
     e = sub.add_parser("export", help="write a merged plain HF model from a run")
     e.add_argument("run", help="RUN_DIR")

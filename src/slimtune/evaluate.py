@@ -55,18 +55,28 @@ def _ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+@dataclass
+class ChoiceScores:
+    predictions: list[str]
+    gold_nll: float  # summed negative log-likelihood of the reference answers (+ end token)
+    gold_tokens: int
+
+
 @torch.no_grad()
 def choice_predictions(adapted: Adapted, tok, records: list[dict], choices: tuple[str, ...],
-                       batch_size: int) -> list[str]:
-    """For each record, the choice whose tokens have the highest total log-probability after the prompt."""
+                       batch_size: int) -> ChoiceScores:
+    """For each record, the choice whose tokens (and the end token) are most likely after the prompt.
+
+    The rows of the reference answers are exactly the eval rows (prompt, answer, end token), so the same pass
+    also gives the eval loss.
+    """
     dev = _device(adapted)
-    choice_ids = [_ids(tok, c) for c in choices]
-    rows, spans = [], []
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    choice_ids = [_ids(tok, c) + eos for c in choices]
+    rows = []
     for prompt in _prompts(tok, records):
         p = _ids(tok, prompt)
-        for c in choice_ids:
-            rows.append((p + c, [IGNORE] * len(p) + c))
-            spans.append(len(c))
+        rows += [(p + c, [IGNORE] * len(p) + c) for c in choice_ids]
     scores = []
     for i in range(0, len(rows), batch_size):
         b = {k: v.to(dev) for k, v in collate(rows[i: i + batch_size], tok.pad_token_id).items()}
@@ -76,7 +86,14 @@ def choice_predictions(adapted: Adapted, tok, records: list[dict], choices: tupl
         picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         scores += (picked * (labels != IGNORE)).sum(-1).tolist()
     k = len(choices)
-    return [choices[max(range(k), key=lambda j: scores[n * k + j])] for n in range(len(records))]
+    preds, nll, count = [], 0.0, 0
+    for n, rec in enumerate(records):
+        preds.append(choices[max(range(k), key=lambda j: scores[n * k + j])])
+        if rec.get("output") in choices:
+            j = choices.index(rec["output"])
+            nll -= scores[n * k + j]
+            count += len(choice_ids[j])
+    return ChoiceScores(preds, nll, count)
 
 
 @torch.no_grad()
@@ -100,15 +117,21 @@ def evaluate(adapted: Adapted, tok, data: Encoded, records: list[dict], task: Ta
     was_training = adapted.model.training
     adapted.model.eval()
     try:
-        loss = eval_loss(adapted, data, batch_size, tok.pad_token_id) if len(data) else float("nan")
-        result = EvalResult(loss=loss, perplexity=math.exp(min(loss, 50)))
         refs = [r.get("output", "") for r in records]
         preds: list[str] | None = None
+        loss = None
         if task is not None and with_metric and records:
             if task.choices:
-                preds = choice_predictions(adapted, tok, records, task.choices, batch_size)
+                scored = choice_predictions(adapted, tok, records, task.choices, batch_size)
+                preds = scored.predictions
+                if len(data) == len(records) and all(r in task.choices for r in refs):  # same rows as `data`
+                    loss = scored.gold_nll / max(scored.gold_tokens, 1)
             else:
                 preds = generate(adapted, tok, records, task.max_new_tokens, batch_size)
+        if loss is None:
+            loss = eval_loss(adapted, data, batch_size, tok.pad_token_id) if len(data) else float("nan")
+        result = EvalResult(loss=loss, perplexity=math.exp(min(loss, 50)))
+        if preds is not None:
             result.metrics = task.score(preds, refs)
         shown = records[:num_samples]
         if shown and "instruction" in shown[0]:

@@ -49,7 +49,6 @@ def make_scheduler(optimizer, cfg: TrainConfig):
 @dataclass
 class TrainResult:
     steps: int
-    wall_s: float
     train_s: float
     tokens: int
     first_loss: float
@@ -124,8 +123,33 @@ class Trainer:
             self.acc.backward(loss)
         return out.loss.item(), int(batch["attention_mask"].sum())
 
-    def train(self, resume: bool = False) -> TrainResult:
+    def train_step(self) -> tuple[float, int, float | None]:
+        """One optimizer step over ``grad_accum`` micro-batches, with the method's hooks.
+
+        Returns (mean micro-batch loss, tokens seen, gradient norm before clipping or None).
+        """
         cfg, hooks = self.cfg, self.adapted.hooks
+        hooks.call("on_step_start", self.step, self.adapted)
+        losses, tokens = [], 0
+        for micro in range(cfg.grad_accum):
+            loss, ntok = self._micro_step(next(self.stream), last=micro == cfg.grad_accum - 1)
+            losses.append(loss)
+            tokens += ntok
+        hooks.call("after_backward", self.step, self.adapted)
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(self.acc.clip_grad_norm_(self.adapted.trainable_parameters(), cfg.max_grad_norm))
+        self.optimizer.step()
+        if self.adapted.optimizer_step is not None:
+            self.adapted.optimizer_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        hooks.call("on_step_end", self.step, self.adapted)
+        return sum(losses) / len(losses), tokens, grad_norm
+
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
         if resume and has_checkpoint(self.run_dir):
             state = load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler)
             self.step = state["step"]
@@ -137,26 +161,9 @@ class Trainer:
                    dynamic_ncols=True)
         t_prev = time.perf_counter()
         while self.step < cfg.steps:
-            hooks.call("on_step_start", self.step, self.adapted)
-            losses, step_tokens = [], 0
-            for micro in range(cfg.grad_accum):
-                loss, ntok = self._micro_step(next(self.stream), last=micro == cfg.grad_accum - 1)
-                losses.append(loss)
-                step_tokens += ntok
-            hooks.call("after_backward", self.step, self.adapted)
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(self.acc.clip_grad_norm_(self.adapted.trainable_parameters(), cfg.max_grad_norm))
-            self.optimizer.step()
-            if self.adapted.optimizer_step is not None:
-                self.adapted.optimizer_step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            hooks.call("on_step_end", self.step, self.adapted)
+            loss, step_tokens, grad_norm = self.train_step()
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
-            loss = sum(losses) / len(losses)
             first_loss = loss if math.isnan(first_loss) else first_loss
             last_loss, tokens = loss, tokens + step_tokens
             peak = memory.device_peak_bytes(self.acc.device)
@@ -174,7 +181,7 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         train_s = time.perf_counter() - t_start
-        return TrainResult(steps=self.step, wall_s=train_s, train_s=train_s, tokens=tokens, first_loss=first_loss,
+        return TrainResult(steps=self.step, train_s=train_s, tokens=tokens, first_loss=first_loss,
                            last_loss=last_loss, peak_bytes=memory.device_peak_bytes(self.acc.device))
 
     def save_checkpoint(self) -> None:

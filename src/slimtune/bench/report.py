@@ -1,0 +1,77 @@
+"""Human-readable benchmark reports: a Markdown table and a PNG (memory, tokens/s, loss curves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _gb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f}"
+
+
+def _x(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m = results["meta"]
+    lines = [
+        f"# slimtune bench — {m['model']}",
+        "",
+        f"batch {m['batch']} × {m['seq_len']} tokens, {m['steps']} timed steps after {m['warmup']} warm-up, "
+        f"{m['device']}, {m['threads']} threads, torch {m['torch']}, transformers {m['transformers']}, "
+        f"slimtune {m['slimtune']} ({m['git']}), {m['date']}",
+        "",
+        "| run | ok | trainable params | peak GB | step s (median) | tokens/s | loss first → last | "
+        "baseline | memory ratio | speed ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        ratio = results["ratios"].get(r["label"], {})
+        if r.get("ok"):
+            lines.append(
+                f"| {r['label']} | yes | {r['trainable_params']:,} | {_gb(r['peak_bytes'])} | "
+                f"{r['step_time_median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → "
+                f"{r['loss_last']:.3f} | {ratio.get('baseline', '—')} | {_x(ratio.get('memory'))} | "
+                f"{_x(ratio.get('speed'))} |")
+        else:
+            lines.append(f"| {r['label']} | **failed**: {r['error']} | | | | | | | | |")
+    roles = sorted({k for r in results["runs"] if r.get("ok") for k in r["memory_by_role"]})
+    if roles:
+        lines += ["", "Memory by role (GB, from the library's accounting at the last step; the rest of the peak is "
+                  "activations, workspace and the runtime):", "",
+                  "| run | " + " | ".join(roles) + " | sum | peak |", "|---|" + "---|" * (len(roles) + 2)]
+        for r in results["runs"]:
+            if r.get("ok"):
+                vals = [r["memory_by_role"].get(k, 0) for k in roles]
+                lines.append(f"| {r['label']} | " + " | ".join(_gb(v) for v in vals) +
+                             f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_png(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results["runs"] if r.get("ok")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = [r["label"] for r in ok]
+    axes[0].bar(names, [r["peak_bytes"] / 1e9 for r in ok], color="tab:blue")
+    axes[0].set_title("peak memory (GB)")
+    axes[1].bar(names, [r["tokens_per_s"] for r in ok], color="tab:green")
+    axes[1].set_title("training tokens/s")
+    for r in ok:
+        axes[2].plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", label=r["label"])
+    axes[2].set_title("training loss by step")
+    axes[2].set_xlabel("step")
+    if ok:
+        axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    m = results["meta"]
+    fig.suptitle(f"{m['model']}: batch {m['batch']} × {m['seq_len']}, {m['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,165 @@
+"""`slimtune bench`: several methods on the same model, data and settings, each in a fresh process.
+
+Writes ``results.json`` (schema in docs/bench.md), ``results.md`` and ``results.png`` and returns the results.
+Ratios compare each run with the baseline measured in the same invocation: memory = baseline peak / run peak,
+speed = run tokens/s / baseline tokens/s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+from slimtune.config import parse_overrides
+from slimtune.errors import UserError
+
+DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
+
+
+@dataclass
+class BenchPlan:
+    model: str | None = "smollm2-135m"
+    shape: str | None = None
+    batch: int = 4
+    seq_len: int = 256
+    steps: int = 8
+    warmup: int = 2
+    seed: int = 0
+    threads: int | None = None
+    dtype: str = "auto"
+    timeout_s: int = 1800
+    runs: list[dict] = field(default_factory=list)  # [{"method": ..., "settings": {...}}]
+
+
+def label(run: dict) -> str:
+    settings = {k: v for k, v in run.get("settings", {}).items() if k != "baseline"}
+    if not settings:
+        return run["method"]
+    return f"{run['method']}[{','.join(f'{k}={v}' for k, v in sorted(settings.items()))}]"
+
+
+def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[str], **opts) -> BenchPlan:
+    """Build a plan from a YAML file and/or --methods, applying ``method.key=value`` overrides."""
+    from slimtune.methods import METHODS
+
+    raw: dict = {}
+    if yaml_path:
+        from slimtune.config import read_yaml
+
+        raw = read_yaml(yaml_path)
+        unknown = set(raw) - set(BenchPlan.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"{yaml_path}: unknown key(s) {', '.join(sorted(unknown))}")
+    plan = BenchPlan(**{k: v for k, v in raw.items() if k != "runs"})
+    plan.runs = [dict(r) for r in raw.get("runs", [])]
+    for k, v in opts.items():
+        if v is not None:
+            setattr(plan, k, v)
+    if plan.shape:
+        plan.model = None
+    if methods:
+        plan.runs = [{"method": m.strip(), "settings": {}} for m in methods.split(",") if m.strip()]
+    if not plan.runs:
+        raise UserError("bench: name the methods (--methods full,lora,qlora) or give a YAML with runs:")
+    extra = parse_overrides(overrides) if overrides else {}
+    for name in extra:
+        if name not in METHODS:
+            raise UserError(f"bench override '{name}.…': '{name}' is not one of {', '.join(METHODS)}")
+    for r in plan.runs:
+        if r["method"] not in METHODS:
+            raise UserError(f"bench: method '{r['method']}' is not one of {', '.join(METHODS)}")
+        r["settings"] = {**r.get("settings", {}), **extra.get(r["method"], {})}
+        check = {k: v for k, v in r["settings"].items() if k not in ("baseline", "lr")}
+        METHODS[r["method"]].config_cls(**check)  # a bad setting fails here, before anything runs
+    return plan
+
+
+def _meta(plan: BenchPlan) -> dict:
+    import transformers
+
+    import slimtune
+
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
+    return {"slimtune": slimtune.__version__, "git": git, "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": device,
+            "threads": plan.threads or torch.get_num_threads(), "model": plan.shape or plan.model,
+            "shape": plan.shape, "batch": plan.batch, "seq_len": plan.seq_len, "steps": plan.steps,
+            "warmup": plan.warmup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
+    spec = {"model": plan.model, "shape": plan.shape, "method": run["method"], "settings": run["settings"],
+            "batch": plan.batch, "seq_len": plan.seq_len, "steps": plan.steps, "warmup": plan.warmup,
+            "seed": plan.seed, "threads": plan.threads, "dtype": plan.dtype}
+    name = label(run).replace("/", "_")
+    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    base = {"method": run["method"], "label": label(run), "settings": run["settings"]}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "slimtune.bench.worker", str(spec_path), str(out_path)],
+                              capture_output=True, text=True, timeout=plan.timeout_s,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        return {**base, "ok": False, "error": f"timed out after {plan.timeout_s} s"}
+    if out_path.is_file():
+        return {**base, **json.loads(out_path.read_text())}
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {**base, "ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+def ratios(runs: list[dict]) -> dict:
+    from slimtune.methods import METHODS
+
+    by_label = {r["label"]: r for r in runs}
+    out = {}
+    for r in runs:
+        baseline = r["settings"].get("baseline") or DEFAULT_BASELINE[METHODS[r["method"]].family]
+        b = by_label.get(baseline)
+        entry = {"baseline": baseline, "memory": None, "speed": None}
+        if b is not None and b.get("ok") and r.get("ok"):
+            entry["memory"] = b["peak_bytes"] / r["peak_bytes"]
+            entry["speed"] = r["tokens_per_s"] / b["tokens_per_s"]
+        out[r["label"]] = entry
+    return out
+
+
+def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
+    from slimtune.bench.report import write_markdown, write_png
+
+    out = Path(out_dir)
+    if (out / "results.json").exists():
+        raise UserError(f"bench --out '{out}' already holds results.json; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in plan.runs:
+            echo(f"bench: {label(run)} ...")
+            res = run_one(plan, run, Path(tmp))
+            runs.append(res)
+            if res.get("ok"):
+                echo(f"bench: {label(run)}: {res['step_time_median_s']:.3f} s/step, "
+                     f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_bytes'] / 1e9:.2f} GB")
+            else:
+                echo(f"bench: {label(run)}: FAILED ({res['error']})")
+    results = {"meta": _meta(plan), "runs": runs, "ratios": ratios(runs)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out / "results.md")
+    write_png(results, out / "results.png")
+    return results
+
+

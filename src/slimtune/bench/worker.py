@@ -1,0 +1,171 @@
+"""One benchmark measurement, run in its own process: ``python -m slimtune.bench.worker SPEC.json OUT.json``.
+
+It loads the model, applies the method, and times ``warmup + steps`` optimizer steps of the same
+:class:`~slimtune.trainer.Trainer` step that `slimtune train` runs, on real text when a tokenizer is available.
+Peak host memory is measured for the training phase alone (Linux's VmHWM is reset after set-up).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from slimtune import memory
+
+
+def reset_host_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) so later peaks exclude set-up; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return memory.peak_rss_bytes()
+
+
+def _text_rows(tok, n_rows: int, seq_len: int, seed: int) -> list[list[int]]:
+    """``n_rows`` rows of exactly ``seq_len`` real tokens (sentiment reviews, packed)."""
+    from slimtune.tasks import get_task
+
+    train, _ = get_task("sentiment").load(seed)
+    flat: list[int] = []
+    for r in train:
+        flat += tok(f"{r['input']} Sentiment: {r['output']}.", add_special_tokens=False)["input_ids"]
+        flat.append(tok.eos_token_id)
+        if len(flat) >= n_rows * seq_len:
+            break
+    return [flat[i * seq_len:(i + 1) * seq_len] for i in range(n_rows)]
+
+
+def _random_rows(vocab: int, n_rows: int, seq_len: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n_rows, seq_len), generator=g).tolist()
+
+
+def load_for_bench(spec: dict):
+    """(model, tokenizer or None) for a spec naming ``model`` (alias/dir/gguf) or ``shape``."""
+    from slimtune import models
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = models.resolve_dtype(spec.get("dtype", "auto"), device)
+    if spec.get("shape"):
+        from slimtune.bench.shapes import build_shape
+
+        return build_shape(spec["shape"], dtype=dtype, device=device, seed=spec.get("seed", 0)), None
+    if spec.get("model") == "tiny":
+        return models.tiny_llama(seed=spec.get("seed", 0)).to(dtype), None
+    return models.load(spec["model"], dtype, device)
+
+
+def run(spec: dict) -> dict:
+    from slimtune.config import TrainConfig
+    from slimtune.data import Encoded
+    from slimtune.methods import apply, make_config
+    from slimtune.trainer import Trainer
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec.get("seed", 0))
+    t0 = time.perf_counter()
+    model, tok = load_for_bench(spec)
+    settings = {k: v for k, v in spec.get("settings", {}).items() if k not in ("baseline", "lr")}
+    adapted = apply(model, make_config(spec["method"], **settings))
+    batch, seq_len, steps, warmup = spec["batch"], spec["seq_len"], spec["steps"], spec["warmup"]
+    n_rows = batch * (steps + warmup)
+    rows = _text_rows(tok, n_rows, seq_len, spec.get("seed", 0)) if tok is not None else \
+        _random_rows(model.config.vocab_size, n_rows, seq_len, spec.get("seed", 0))
+    data = Encoded(rows, [list(r) for r in rows])
+    lr = spec.get("settings", {}).get("lr", 1e-4)
+    cfg = TrainConfig(steps=steps + warmup, batch_size=batch, lr=lr, schedule="constant",
+                      grad_checkpointing=bool(spec.get("grad_checkpointing", False)))
+    pad = SimpleNamespace(pad_token_id=tok.pad_token_id if tok is not None else 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(adapted, pad, cfg, data, Encoded([], []), [], None, Path(tmp))
+        setup_s = time.perf_counter() - t0
+        load_peak = host_peak_bytes()
+        role_bytes: dict[str, int] = {}
+
+        def snapshot(step, a, _prev=adapted.hooks.after_backward):  # gradients exist only here
+            if _prev is not None:
+                _prev(step, a)
+            if step == steps + warmup - 1:
+                role_bytes.update(a.memory_report())
+                role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
+
+        adapted.hooks.after_backward = snapshot
+        cuda = trainer.acc.device.type == "cuda"
+        trainer.model.train()
+        losses, times = [], []
+        for i in range(steps + warmup):
+            if i == warmup:
+                reset_host_peak()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t = time.perf_counter()
+            loss, _, _ = trainer.train_step()
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+                dt = start.elapsed_time(end) / 1000
+            else:
+                dt = time.perf_counter() - t
+            losses.append(loss)
+            if i >= warmup:
+                times.append(dt)
+    rss = host_peak_bytes()
+    cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
+    median = sorted(times)[len(times) // 2]
+    return {
+        "trainable_params": sum(p.numel() for p in adapted.trainable_parameters()),
+        "total_params": sum(p.numel() for p in adapted.model.parameters()),
+        "peak_rss_bytes": rss, "load_peak_rss_bytes": load_peak, "cuda_peak_allocated_bytes": cuda_peak,
+        "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "peak_bytes": cuda_peak if cuda else rss, "memory_by_role": role_bytes,
+        "step_time_median_s": median, "step_times_s": times, "tokens_per_s": batch * seq_len / median,
+        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "setup_s": setup_s,
+        "device": str(trainer.acc.device), "data": "sentiment text" if tok is not None else "random tokens",
+        "traffic": dict(adapted.extra_state.get("traffic", {})),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    out = Path(argv[1])
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        result = {"ok": True, "error": None, **run(spec)}
+    except Exception as err:  # recorded, so the other runs still go on
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    out.write_text(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

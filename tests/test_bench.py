@@ -1,0 +1,83 @@
+"""The benchmark harness on tiny models: schema, a failing run recorded, ratios from the same invocation."""
+
+import json
+
+import pytest
+
+from slimtune.bench.run import BenchPlan, bench, label, plan_from_args, ratios
+from slimtune.bench.shapes import SHAPES, build_shape
+from slimtune.errors import ConfigError, UserError
+
+RUN_KEYS = {"method", "settings", "ok", "error", "trainable_params", "total_params", "peak_rss_bytes",
+            "cuda_peak_allocated_bytes", "peak_bytes", "memory_by_role", "step_time_median_s", "step_times_s",
+            "tokens_per_s", "loss_first", "loss_last"}
+META_KEYS = {"slimtune", "git", "torch", "transformers", "device", "threads", "model", "batch", "seq_len", "steps",
+             "date"}
+
+
+@pytest.mark.slow
+def test_bench_schema_failure_and_ratios(tmp_path):
+    plan = BenchPlan(model="tiny", batch=2, seq_len=16, steps=2, warmup=1, runs=[
+        {"method": "full", "settings": {}},
+        {"method": "lora", "settings": {"r": 4}},
+        {"method": "lora", "settings": {"r": 8, "target_modules": ["no_such_module"]}},  # fails inside peft
+    ])
+    res = bench(plan, tmp_path / "out", echo=lambda *_: None)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert META_KEYS <= set(res["meta"])
+    ok = [r for r in res["runs"] if r["ok"]]
+    assert len(ok) == 2 and all(RUN_KEYS <= set(r) for r in ok)
+    failed = [r for r in res["runs"] if not r["ok"]]
+    assert len(failed) == 1 and "no_such_module" in failed[0]["error"]
+    for r in ok:
+        assert r["cuda_peak_allocated_bytes"] is None and r["peak_bytes"] == r["peak_rss_bytes"] > 0
+        assert len(r["step_times_s"]) == 2 and r["tokens_per_s"] == pytest.approx(32 / r["step_time_median_s"])
+        assert r["memory_by_role"]["gradients"] > 0 and r["memory_by_role"]["optimizer"] > 0
+    full = res["runs"][0]
+    # full fine-tuning: gradients and AdamW state match the parameter count (fp32: 4 and 8 bytes/param)
+    assert full["memory_by_role"]["gradients"] == 4 * full["trainable_params"]
+    # AdamW keeps two fp32 moments per parameter plus a 0-dim step counter per tensor
+    from slimtune.models import tiny_llama
+
+    n_tensors = len(list(tiny_llama().parameters()))
+    assert full["memory_by_role"]["optimizer"] == 8 * full["trainable_params"] + 4 * n_tensors
+    lora = res["runs"][1]
+    r = res["ratios"]
+    assert r["lora[r=4]"]["baseline"] == "lora" and r["lora[r=4]"]["memory"] is None  # no plain 'lora' run
+    assert r["full"] == {"baseline": "full", "memory": 1.0, "speed": 1.0}
+    assert lora["trainable_params"] < full["trainable_params"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| full | yes |" in md and "**failed**" in md
+    assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+    with pytest.raises(UserError, match="already holds results.json"):
+        bench(plan, tmp_path / "out", echo=lambda *_: None)
+
+
+def test_ratios_use_runs_of_the_same_invocation():
+    runs = [{"label": "lora", "method": "lora", "settings": {}, "ok": True, "peak_bytes": 400, "tokens_per_s": 10.0},
+            {"label": "qlora", "method": "qlora", "settings": {}, "ok": True, "peak_bytes": 200, "tokens_per_s": 5.0},
+            {"label": "full", "method": "full", "settings": {"baseline": "lora"}, "ok": True, "peak_bytes": 800,
+             "tokens_per_s": 20.0}]
+    r = ratios(runs)
+    assert r["qlora"] == {"baseline": "qlora", "memory": 1.0, "speed": 1.0}
+    assert r["full"] == {"baseline": "lora", "memory": 0.5, "speed": 2.0}
+
+
+def test_plan_overrides_and_errors(tmp_path):
+    plan = plan_from_args("full,lora", None, ["lora.r=32"], batch=2)
+    assert [label(r) for r in plan.runs] == ["full", "lora[r=32]"] and plan.batch == 2
+    with pytest.raises(UserError, match="'dora' is not one of"):
+        plan_from_args("dora", None, [])
+    with pytest.raises(ConfigError, match="r: 0 must be > 0"):
+        plan_from_args("lora", None, ["lora.r=0"])
+    y = tmp_path / "b.yaml"
+    y.write_text("model: tiny\nsteps: 3\nruns:\n  - method: lora\n    settings: {r: 8}\n  - method: full\n")
+    plan = plan_from_args(None, str(y), [])
+    assert plan.steps == 3 and [label(r) for r in plan.runs] == ["lora[r=8]", "full"]
+
+
+def test_shapes_match_published_parameter_counts():
+    assert sum(p.numel() for p in build_shape("llama2-7b", device="meta").parameters()) == 6_738_415_616
+    assert sum(p.numel() for p in build_shape("smollm2-135m", device="meta").parameters()) == 134_515_008
+    assert "llama3-8b" in SHAPES
