@@ -210,3 +210,23 @@ def test_choice_pass_gives_the_same_eval_loss(tiny_model_dir, tiny_tok):
     scored = choice_predictions(adapted, tok, records, ("positive", "negative"), batch_size=4)
     assert scored.gold_nll / scored.gold_tokens == pytest.approx(eval_loss(adapted, data, 4, tok.pad_token_id),
                                                                  rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_accelerate_launch(tiny_model_dir, instr_jsonl, tmp_path):
+    """`accelerate launch` with 2 CPU processes: one run directory, written once, ranks in step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = _write_cfg(tmp_path, tiny_model_dir, instr_jsonl, tmp_path / "runs" / "ddp-{time}", batch_size=2)
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimtune.cli", "train",
+                           str(cfg)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    logs = [json.loads(line) for line in (runs[0] / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+    assert proc.stdout.count("before: eval loss") == 1

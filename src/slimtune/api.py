@@ -68,18 +68,45 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     return Prepared(apply_method(model, cfg.method), tok)
 
 
+def _shared_run_dir(cfg: C.RunConfig, state) -> Path:
+    """The new run directory, chosen once by the main process and shared with every rank."""
+    chosen: str | None = None
+    problem: str | None = None
+    if state.is_main_process:
+        try:
+            chosen = str(new_run_dir(cfg))
+        except UserError as err:
+            problem = str(err)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        chosen, problem = broadcast_object_list([chosen, problem])
+    if problem:
+        raise UserError(problem)
+    return Path(chosen)
+
+
 def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
-    """Run one training job end to end; print before/after results; return the results dict."""
+    """Run one training job end to end; print before/after results; return the results dict.
+
+    Under ``accelerate launch`` every rank trains on its shard of each batch; only the main rank writes.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    main = state.is_main_process
+    say = _say if main else (lambda *_: None)
     t0 = time.perf_counter()
-    run_dir = resume_dir if resume_dir is not None else new_run_dir(cfg)
+    run_dir = resume_dir if resume_dir is not None else _shared_run_dir(cfg, state)
     task = get_task(cfg.data.task) if cfg.data.task else None
     p = prepare(cfg)
     train_data, eval_data, eval_records, fmt = load_split(cfg.data, p.tok)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    C.save_config(cfg, run_dir / RUN_CONFIG)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save_config(cfg, run_dir / RUN_CONFIG)
     n_train = sum(x.numel() for x in p.adapted.trainable_parameters())
     n_total = sum(x.numel() for x in p.adapted.model.parameters())
-    _say(f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
+    say(f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
          f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}")
     trainer = Trainer(p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir)
     before_path = run_dir / "eval_before.json"
@@ -87,11 +114,15 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         before = EvalResult(**json.loads(before_path.read_text()))
     else:
         before = trainer.run_eval()
-        before_path.write_text(json.dumps(before.__dict__, indent=2))
-    print_eval("before", before)
+        if main:
+            before_path.write_text(json.dumps(before.__dict__, indent=2))
+    if main:
+        print_eval("before", before)
     result = trainer.train(resume=resume_dir is not None)
     after = trainer.run_eval()
     trainer.close()
+    if not main:
+        return {}
     print_eval("after ", after)
     print_samples(before, after)
     final = p.adapted.save(run_dir / FINAL, {"base_model": cfg.model.name, "dtype": cfg.model.dtype})
