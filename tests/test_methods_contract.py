@@ -7,19 +7,20 @@ import torch
 
 from slimtune.errors import ConfigError
 from slimtune.methods import METHODS, apply, make_config
-from slimtune.methods.lora import bnb_works, quantize_decoder
+from slimtune.quant.backbone import bnb_works, quantize_decoder
 from slimtune.models import tiny_llama
 from tests.conftest import batch
 
 BNB = bnb_works(torch.device("cpu"))
 
-# (id, method name, config kwargs, learning rate for the "loss falls" check)
+# (id, method name, config kwargs, learning rate for the "loss falls" check, merges into a plain model)
 CASES = [
-    ("full", "full", {}, 1e-3),
-    ("lora", "lora", {"r": 4, "dropout": 0.0}, 5e-3),
-    ("qlora-torch", "qlora", {"r": 4, "dropout": 0.0, "backend": "torch"}, 5e-3),
-    pytest.param("qlora-bnb", "qlora", {"r": 4, "dropout": 0.0, "backend": "bitsandbytes"}, 5e-3,
+    ("full", "full", {}, 1e-3, True),
+    ("lora", "lora", {"r": 4, "dropout": 0.0}, 5e-3, True),
+    ("qlora-torch", "qlora", {"r": 4, "dropout": 0.0, "backend": "torch"}, 5e-3, True),
+    pytest.param("qlora-bnb", "qlora", {"r": 4, "dropout": 0.0, "backend": "bitsandbytes"}, 5e-3, True,
                  marks=pytest.mark.skipif(not BNB, reason="bitsandbytes 4-bit not usable here")),
+    ("qst", "qst", {"r": 4, "dropout": 0.0, "backend": "torch"}, 3e-2, False),
 ]
 
 
@@ -31,7 +32,7 @@ def make(name, kwargs, seed=0):
 def reference_model(name, kwargs):
     """What the adapted model must equal at initialisation."""
     base = tiny_llama(seed=0)
-    if name == "qlora":
+    if name in ("qlora", "qst"):
         quantize_decoder(base, kwargs["backend"], double_quant=True)
     return base
 
@@ -54,9 +55,9 @@ def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("case_id,name,kwargs,lr", CASES)
+@pytest.mark.parametrize("case_id,name,kwargs,lr,mergeable", CASES)
 class TestContract:
-    def test_forward_shapes_and_identity_at_init(self, case_id, name, kwargs, lr):
+    def test_forward_shapes_and_identity_at_init(self, case_id, name, kwargs, lr, mergeable):
         a = make(name, kwargs)
         a.model.eval()
         data = batch()
@@ -71,7 +72,7 @@ class TestContract:
         else:
             assert torch.allclose(out.logits, ref.logits, atol=1e-5)
 
-    def test_only_method_parameters_change(self, case_id, name, kwargs, lr):
+    def test_only_method_parameters_change(self, case_id, name, kwargs, lr, mergeable):
         a = make(name, kwargs)
         trainable = {id(p) for p in a.trainable_parameters()}
         assert trainable, "no trainable parameters"
@@ -82,12 +83,12 @@ class TestContract:
         outside = {n for n, t in tensors if n in changed and id(t) not in trainable}
         assert changed and not outside, f"changed outside the method: {sorted(outside)[:3]}"
 
-    def test_loss_falls_on_repeated_batch(self, case_id, name, kwargs, lr):
+    def test_loss_falls_on_repeated_batch(self, case_id, name, kwargs, lr, mergeable):
         a = make(name, kwargs)
         losses = train_steps(a, 30, lr, batch())
         assert losses[-1] < 0.85 * losses[0], losses
 
-    def test_save_load_round_trip(self, case_id, name, kwargs, lr, tmp_path):
+    def test_save_load_round_trip(self, case_id, name, kwargs, lr, mergeable, tmp_path):
         a = make(name, kwargs)
         train_steps(a, 2, lr, batch())
         a.save(tmp_path / "m")
@@ -98,8 +99,12 @@ class TestContract:
         assert torch.allclose(a.model(**data).logits, b.model(**data).logits, atol=1e-6)
         assert (tmp_path / "m" / "slimtune_config.json").is_file()
 
-    def test_merge_gives_plain_model_with_equal_logits(self, case_id, name, kwargs, lr):
+    def test_merge_gives_plain_model_with_equal_logits(self, case_id, name, kwargs, lr, mergeable):
         a = make(name, kwargs)
+        if not mergeable:
+            with pytest.raises(NotImplementedError, match="cannot be merged"):
+                a.merge()
+            return
         train_steps(a, 2, lr, batch())
         data = batch(seed=2)
         expected = a.model(**data).logits
@@ -112,7 +117,7 @@ class TestContract:
         else:
             assert torch.allclose(got, expected, atol=1e-4)
 
-    def test_bad_config_raises_clear_error(self, case_id, name, kwargs, lr):
+    def test_bad_config_raises_clear_error(self, case_id, name, kwargs, lr, mergeable):
         cls = METHODS[name].config_cls
         bad = {"r": -1} if "r" in cls.__dataclass_fields__ else {"freeze_embeddings": None}
         if "r" in bad:

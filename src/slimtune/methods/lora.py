@@ -15,6 +15,7 @@ from torch import nn
 
 from slimtune.config import Problem, _choice, _positive
 from slimtune.methods.base import CONFIG_FILE, Adapted, MethodConfig
+from slimtune.quant.backbone import dequantized_weight, is_4bit, quantize_decoder
 
 log = logging.getLogger(__name__)
 
@@ -137,58 +138,6 @@ class QLoraMethodConfig(LoraMethodConfig):
         return super().check() + _choice("backend", self.backend, ("auto", "bitsandbytes", "torch"))
 
 
-def bnb_works(device: torch.device) -> bool:
-    """True if bitsandbytes' 4-bit linear runs on ``device`` here (probed once on a tiny layer)."""
-    try:
-        import bitsandbytes as bnb
-
-        lin = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        lin.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
-        lin = lin.to(device)
-        lin(torch.randn(2, 64, device=device))
-        return True
-    except Exception as err:  # any failure means: use the pure-torch path
-        log.info("bitsandbytes 4-bit not usable on %s (%s); using pure-torch NF4", device, err)
-        return False
-
-
-def _linear_children(model: nn.Module, skip: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    out = []
-    for parent in model.modules():
-        for cname, child in parent.named_children():
-            if type(child) is nn.Linear and id(child) not in skip:
-                out.append((parent, cname, child))
-    return out
-
-
-def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
-    """Replace every decoder ``nn.Linear`` (not the LM head) by a frozen NF4 layer; returns the backend used."""
-    from slimtune.quant.nf4 import NF4Linear
-
-    device = next(model.parameters()).device
-    if backend == "auto":
-        backend = "bitsandbytes" if bnb_works(device) else "torch"
-    head = model.get_output_embeddings()
-    for parent, cname, lin in _linear_children(model, skip={id(head)}):
-        if backend == "bitsandbytes":
-            import bitsandbytes as bnb
-
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=lin.weight.dtype, compress_statistics=double_quant,
-                                  quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=double_quant)
-            if lin.bias is not None:
-                q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
-            q = q.to(device)
-        else:
-            q = NF4Linear(lin, double_quant=double_quant)
-        setattr(parent, cname, q)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return backend
-
-
 def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> Adapted:
     backend = quantize_decoder(model, cfg.backend, cfg.double_quant)
     if backend == "torch":
@@ -227,13 +176,13 @@ class QLoraAdapted(LoraAdapted):
         weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with torch.no_grad():
             for name, module in self.model.named_modules():
-                if hasattr(module, "base_layer") and hasattr(module, "lora_A") and _is_4bit(module.base_layer):
-                    w = _dequantized(module.base_layer)
+                if hasattr(module, "base_layer") and hasattr(module, "lora_A") and is_4bit(module.base_layer):
+                    w = dequantized_weight(module.base_layer)
                     if "default" in module.lora_A:
                         w = w + module.get_delta_weight("default").to(w.dtype)
                     weights[name.removeprefix(prefix)] = (w, module.base_layer.bias)
-                elif _is_4bit(module) and not name.endswith(".base_layer"):
-                    weights[name.removeprefix(prefix)] = (_dequantized(module), module.bias)
+                elif is_4bit(module) and not name.endswith(".base_layer"):
+                    weights[name.removeprefix(prefix)] = (dequantized_weight(module), module.bias)
         base = copy.deepcopy(self.model).get_base_model()
         for name, (w, bias) in weights.items():
             lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype, device=w.device)
@@ -244,27 +193,3 @@ class QLoraAdapted(LoraAdapted):
             parent_name, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent_name), child, lin)
         return base
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    from slimtune.quant.nf4 import NF4Linear
-
-    return isinstance(module, NF4Linear) or type(module).__name__ == "Linear4bit"
-
-
-def _dequantized(layer: nn.Module) -> torch.Tensor:
-    """The weight a 4-bit layer effectively multiplies by.
-
-    bitsandbytes repacks its CPU weights for inference on first use (its quant_state changes), so the raw codes
-    are not read directly: the layer is applied to the identity matrix, W = layer(I)^T - bias, which is exact
-    for whatever layout and compute dtype the layer uses.
-    """
-    if hasattr(layer, "dequantized_weight"):
-        return layer.dequantized_weight()
-    dtype = layer.compute_dtype or torch.float32
-    with torch.no_grad():
-        eye = torch.eye(layer.in_features, dtype=dtype, device=layer.weight.device)
-        out = layer(eye)
-        if layer.bias is not None:
-            out = out - layer.bias.to(out.dtype)
-    return out.T.contiguous().float()

@@ -1,0 +1,60 @@
+"""``apply(model, QSTConfig) -> QSTAdapted``: quantize and freeze the backbone, attach the side network."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimtune.errors import ConfigError
+from slimtune.methods.base import Adapted
+from slimtune.methods.qst.config import QSTConfig
+from slimtune.methods.qst.side_net import QSTModel, check_shape
+from slimtune.quant.backbone import quantize_decoder
+
+
+class QSTAdapted(Adapted):
+    """The side network is the method's whole state; the backbone is the (4-bit) base model, untouched."""
+
+    model: QSTModel
+
+    def merge(self) -> nn.Module:
+        raise NotImplementedError("QST cannot be merged: its side network is a separate model that reads every "
+                                  "backbone layer, not a change to the backbone's weights")
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
+        """Greedy decoding with both KV caches (backbone and side) advanced each step."""
+        model = self.model
+        cache = model.new_cache()
+        ids, mask = input_ids, attention_mask
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = []
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=ids, attention_mask=mask, cache=cache).logits[:, -1]
+            nxt = logits.argmax(-1)
+            if pad_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            new.append(nxt)
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+            if bool(done.all()):
+                break
+            ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return torch.stack(new, dim=1) if new else input_ids[:, :0]
+
+
+def apply_qst(model: nn.Module, cfg: QSTConfig) -> QSTAdapted:
+    problems = check_shape(model.config, cfg.r)
+    if problems:
+        raise ConfigError(problems)
+    if cfg.quantize:
+        quantize_decoder(model, cfg.backend, cfg.double_quant)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()  # the backbone never trains (no dropout in it either)
+    wrapped = QSTModel(model, cfg)
+    device = next(model.parameters()).device
+    wrapped.qst.to(device)
+    return QSTAdapted(wrapped, cfg)
