@@ -269,3 +269,10 @@ def test_cached_generation_equals_recompute():
 def test_merge_explains_why_not():
     with pytest.raises(NotImplementedError, match="QST cannot be merged"):
         make().merge()
+
+
+def test_backbone_stays_in_eval_mode_when_training():
+    a = make()
+    a.model.train()
+    assert a.model.qst.training
+    assert not any(m.training for m in a.model.backbone.modules())

@@ -135,6 +135,8 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from slimtune.bench.run import bench, plan_from_args
 
+    if args.config and "=" in args.config:  # `bench --methods a,b x.k=v`: the first override lands here
+        args.overrides, args.config = [args.config, *args.overrides], None
     plan = plan_from_args(args.methods, args.config, args.overrides, model=args.model, shape=args.shape,
                           batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
                           threads=args.threads, timeout_s=args.timeout)

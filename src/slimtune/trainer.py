@@ -17,6 +17,7 @@ from slimtune import memory
 from slimtune.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
+from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
 from slimtune.methods.base import Adapted
 from slimtune.tasks import Task
@@ -83,7 +84,8 @@ class Trainer:
     def _enable_checkpointing(self) -> None:
         m = self.adapted.model
         if not hasattr(m, "gradient_checkpointing_enable"):
-            raise ValueError(f"train.grad_checkpointing: {type(m).__name__} does not support it")
+            raise UserError(f"train.grad_checkpointing: not supported by method '{self.adapted.cfg.name}' "
+                            f"({type(m).__name__} keeps no backbone activations to recompute)")
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(m, "enable_input_require_grads"):
             m.enable_input_require_grads()

@@ -24,6 +24,8 @@ from slimtune.config import parse_overrides
 from slimtune.errors import UserError
 
 DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
+PROBES = ("nf4-forward",)
+"""Bench-only measurements that are not methods: `nf4-forward` times the 4-bit backbone's no-grad forward."""
 
 
 @dataclass
@@ -76,6 +78,9 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
         if name not in METHODS:
             raise UserError(f"bench override '{name}.…': '{name}' is not one of {', '.join(METHODS)}")
     for r in plan.runs:
+        if r["method"] in PROBES:
+            r.setdefault("settings", {})
+            continue
         if r["method"] not in METHODS:
             raise UserError(f"bench: method '{r['method']}' is not one of {', '.join(METHODS)}")
         r["settings"] = {**r.get("settings", {}), **extra.get(r["method"], {})}
@@ -128,6 +133,8 @@ def ratios(runs: list[dict]) -> dict:
     by_label = {r["label"]: r for r in runs}
     out = {}
     for r in runs:
+        if r["method"] in PROBES:
+            continue
         baseline = r["settings"].get("baseline") or DEFAULT_BASELINE[METHODS[r["method"]].family]
         b = by_label.get(baseline)
         entry = {"baseline": baseline, "memory": None, "speed": None}
@@ -136,6 +143,18 @@ def ratios(runs: list[dict]) -> dict:
             entry["speed"] = r["tokens_per_s"] / b["tokens_per_s"]
         out[r["label"]] = entry
     return out
+
+
+def ceilings(runs: list[dict]) -> dict:
+    """Speed ceiling of forward-only side methods: QLoRA's step time / the 4-bit backbone's forward time."""
+    by_label = {r["label"]: r for r in runs if r.get("ok")}
+    probe, qlora = by_label.get("nf4-forward"), by_label.get("qlora")
+    if probe is None or qlora is None:
+        return {}
+    return {"qlora_step_s": qlora["step_time_median_s"], "nf4_forward_s": probe["step_time_median_s"],
+            "nf4_forward_with_head_s": probe["forward_with_head_median_s"],
+            "speed_ceiling": qlora["step_time_median_s"] / probe["step_time_median_s"],
+            "speed_ceiling_with_head": qlora["step_time_median_s"] / probe["forward_with_head_median_s"]}
 
 
 def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
@@ -156,7 +175,7 @@ def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
                      f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_bytes'] / 1e9:.2f} GB")
             else:
                 echo(f"bench: {label(run)}: FAILED ({res['error']})")
-    results = {"meta": _meta(plan), "runs": runs, "ratios": ratios(runs)}
+    results = {"meta": _meta(plan), "runs": runs, "ratios": ratios(runs), "ceilings": ceilings(runs)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, out / "results.md")
     write_png(results, out / "results.png")

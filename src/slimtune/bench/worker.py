@@ -73,6 +73,49 @@ def load_for_bench(spec: dict):
     return models.load(spec["model"], dtype, device)
 
 
+def run_nf4_forward(spec: dict) -> dict:
+    """The probe ``nf4-forward``: time the 4-bit backbone's forward alone (no autograd, without the LM head).
+
+    It bounds what a method that only runs the frozen 4-bit backbone forward (QST) can gain over QLoRA:
+    ceiling = QLoRA step time / this time.
+    """
+    from slimtune.quant.backbone import quantize_decoder
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    model, tok = load_for_bench(spec)
+    quantize_decoder(model, spec.get("settings", {}).get("backend", "auto"), double_quant=True)
+    device = next(model.parameters()).device
+    batch, seq_len, steps, warmup = spec["batch"], spec["seq_len"], spec["steps"], spec["warmup"]
+    rows = _text_rows(tok, batch, seq_len, 0) if tok is not None else _random_rows(model.config.vocab_size, batch,
+                                                                                    seq_len, 0)
+    ids = torch.tensor(rows, device=device)
+    times, head_times = [], []
+    for i in range(steps + warmup):
+        if i == warmup:
+            reset_host_peak()
+        with torch.no_grad():
+            t = time.perf_counter()
+            hidden = model.model(input_ids=ids).last_hidden_state
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_body = time.perf_counter() - t
+            model.lm_head(hidden)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_all = time.perf_counter() - t
+        if i >= warmup:
+            times.append(t_body)
+            head_times.append(t_all)
+    median = sorted(times)[len(times) // 2]
+    rss = host_peak_bytes()
+    return {"trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
+            "peak_rss_bytes": rss, "cuda_peak_allocated_bytes": None, "peak_bytes": rss, "memory_by_role": {},
+            "step_time_median_s": median, "step_times_s": times, "tokens_per_s": batch * seq_len / median,
+            "forward_with_head_median_s": sorted(head_times)[len(head_times) // 2],
+            "loss_first": None, "loss_last": None, "losses": [], "probe": True}
+
+
 def run(spec: dict) -> dict:
     from slimtune.config import TrainConfig
     from slimtune.data import Encoded
@@ -160,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        result = {"ok": True, "error": None, **run(spec)}
+        fn = run_nf4_forward if spec["method"] == "nf4-forward" else run
+        result = {"ok": True, "error": None, **fn(spec)}
     except Exception as err:  # recorded, so the other runs still go on
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     out.write_text(json.dumps(result))

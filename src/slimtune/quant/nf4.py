@@ -12,6 +12,7 @@ its mean, 8-bit blockwise (block 256) on the signed dynamic map. Dequantization 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -24,11 +25,12 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 
+@lru_cache(maxsize=1)
 def dynamic_map_8bit() -> torch.Tensor:
     """The signed 8-bit dynamic quantization map (7 exponent bits) used for double quantization.
 
     For exponent i in 0..6 it holds ±10^(i-6)·m for the 2^i midpoints m of an even split of [0.1, 1], plus 0 and 1,
-    padded with zeros to 256 values and sorted.
+    padded with zeros to 256 values and sorted. Cached: do not modify the returned tensor.
     """
     values: list[float] = []
     for i in range(7):

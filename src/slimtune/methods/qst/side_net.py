@@ -138,6 +138,12 @@ class QSTModel(nn.Module):
         self.qst = SideNetwork(backbone.config, cfg)
         self.config = backbone.config
 
+    def train(self, mode: bool = True) -> QSTModel:
+        """Only the side network changes mode; the frozen backbone always runs as in inference."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     def _decoder(self) -> nn.Module:
         return self.backbone.model
 
