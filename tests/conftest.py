@@ -18,8 +18,10 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CORPUS = [
-    "the quick brown fox jumps over the lazy dog", "positive negative review movie film",
-    "What is 12 + 30? Answer with the number only.", "Translate this English text to German.",
+    "the quick brown fox jumps over the lazy dog",
+    "positive negative review movie film",
+    "What is 12 + 30? Answer with the number only.",
+    "Translate this English text to German.",
 ] * 20
 
 
@@ -30,11 +32,16 @@ def build_tokenizer():
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>",
-                                  bos_token="<|im_start|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     tok.chat_template = CHATML
     return tok
 
@@ -50,8 +57,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tok) -> Path:
     from slimtune.models import tiny_llama
 
     d = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama(vocab_size=len(tiny_tok), pad_token_id=tiny_tok.pad_token_id,
-                       eos_token_id=tiny_tok.eos_token_id, bos_token_id=tiny_tok.bos_token_id)
+    model = tiny_llama(
+        vocab_size=len(tiny_tok),
+        pad_token_id=tiny_tok.pad_token_id,
+        eos_token_id=tiny_tok.eos_token_id,
+        bos_token_id=tiny_tok.bos_token_id,
+    )
     model.save_pretrained(d)
     tiny_tok.save_pretrained(d)
     return d
@@ -71,8 +82,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def instr_jsonl(tmp_path) -> Path:
-    rows = [{"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
-            for a in range(10, 22) for b in (3, 7)]
+    rows = [
+        {"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b)}
+        for a in range(10, 22)
+        for b in (3, 7)
+    ]
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 

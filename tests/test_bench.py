@@ -8,20 +8,55 @@ from slimtune.bench.run import BenchPlan, bench, label, plan_from_args, ratios
 from slimtune.bench.shapes import SHAPES, build_shape
 from slimtune.errors import ConfigError, UserError
 
-RUN_KEYS = {"method", "settings", "ok", "error", "trainable_params", "total_params", "peak_rss_bytes",
-            "cuda_peak_allocated_bytes", "peak_bytes", "memory_by_role", "step_time_median_s", "step_times_s",
-            "tokens_per_s", "loss_first", "loss_last"}
-META_KEYS = {"slimtune", "git", "torch", "transformers", "device", "threads", "model", "batch", "seq_len", "steps",
-             "date"}
+RUN_KEYS = {
+    "method",
+    "settings",
+    "ok",
+    "error",
+    "trainable_params",
+    "total_params",
+    "peak_rss_bytes",
+    "cuda_peak_allocated_bytes",
+    "peak_bytes",
+    "memory_by_role",
+    "step_time_median_s",
+    "step_times_s",
+    "tokens_per_s",
+    "loss_first",
+    "loss_last",
+}
+META_KEYS = {
+    "slimtune",
+    "git",
+    "torch",
+    "transformers",
+    "device",
+    "threads",
+    "model",
+    "batch",
+    "seq_len",
+    "steps",
+    "date",
+}
 
 
 @pytest.mark.slow
 def test_bench_schema_failure_and_ratios(tmp_path):
-    plan = BenchPlan(model="tiny", batch=2, seq_len=16, steps=2, warmup=1, runs=[
-        {"method": "full", "settings": {}},
-        {"method": "lora", "settings": {"r": 4}},
-        {"method": "lora", "settings": {"r": 8, "target_modules": ["no_such_module"]}},  # fails inside peft
-    ])
+    plan = BenchPlan(
+        model="tiny",
+        batch=2,
+        seq_len=16,
+        steps=2,
+        warmup=1,
+        runs=[
+            {"method": "full", "settings": {}},
+            {"method": "lora", "settings": {"r": 4}},
+            {
+                "method": "lora",
+                "settings": {"r": 8, "target_modules": ["no_such_module"]},
+            },  # fails inside peft
+        ],
+    )
     res = bench(plan, tmp_path / "out", echo=lambda *_: None)
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
@@ -32,7 +67,9 @@ def test_bench_schema_failure_and_ratios(tmp_path):
     assert len(failed) == 1 and "no_such_module" in failed[0]["error"]
     for r in ok:
         assert r["cuda_peak_allocated_bytes"] is None and r["peak_bytes"] == r["peak_rss_bytes"] > 0
-        assert len(r["step_times_s"]) == 2 and r["tokens_per_s"] == pytest.approx(32 / r["step_time_median_s"])
+        assert len(r["step_times_s"]) == 2 and r["tokens_per_s"] == pytest.approx(
+            32 / r["step_time_median_s"]
+        )
         assert r["memory_by_role"]["gradients"] > 0 and r["memory_by_role"]["optimizer"] > 0
     full = res["runs"][0]
     # full fine-tuning: gradients and AdamW state match the parameter count (fp32: 4 and 8 bytes/param)
@@ -55,10 +92,32 @@ def test_bench_schema_failure_and_ratios(tmp_path):
 
 
 def test_ratios_use_runs_of_the_same_invocation():
-    runs = [{"label": "lora", "method": "lora", "settings": {}, "ok": True, "peak_bytes": 400, "tokens_per_s": 10.0},
-            {"label": "qlora", "method": "qlora", "settings": {}, "ok": True, "peak_bytes": 200, "tokens_per_s": 5.0},
-            {"label": "full", "method": "full", "settings": {"baseline": "lora"}, "ok": True, "peak_bytes": 800,
-             "tokens_per_s": 20.0}]
+    runs = [
+        {
+            "label": "lora",
+            "method": "lora",
+            "settings": {},
+            "ok": True,
+            "peak_bytes": 400,
+            "tokens_per_s": 10.0,
+        },
+        {
+            "label": "qlora",
+            "method": "qlora",
+            "settings": {},
+            "ok": True,
+            "peak_bytes": 200,
+            "tokens_per_s": 5.0,
+        },
+        {
+            "label": "full",
+            "method": "full",
+            "settings": {"baseline": "lora"},
+            "ok": True,
+            "peak_bytes": 800,
+            "tokens_per_s": 20.0,
+        },
+    ]
     r = ratios(runs)
     assert r["qlora"] == {"baseline": "qlora", "memory": 1.0, "speed": 1.0}
     assert r["full"] == {"baseline": "lora", "memory": 0.5, "speed": 2.0}

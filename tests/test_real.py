@@ -23,15 +23,24 @@ def test_alias_loads_offline_and_generates(smol):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     ids = tok(instruction_prompt(tok, "What is the capital of France?"), return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_train_save_reload_equal_logits(method, tmp_path, smol):
-    raw = {"model": {"name": "smollm2-135m"}, "data": {"task": "sentiment", "max_length": 96, "eval_size": 8},
-           "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "output_dir": str(tmp_path / "run"),
-                     "eval_metric": False, "num_generations": 0},
-           "method": {"name": method, "r": 8}}
+    raw = {
+        "model": {"name": "smollm2-135m"},
+        "data": {"task": "sentiment", "max_length": 96, "eval_size": 8},
+        "train": {
+            "steps": 3,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "output_dir": str(tmp_path / "run"),
+            "eval_metric": False,
+            "num_generations": 0,
+        },
+        "method": {"name": method, "r": 8},
+    }
     res = api.train(C.from_dict(raw))
     assert res["steps"] == 3 and res["trainable_params"] > 0
     _, p = api.load_run(tmp_path / "run")

@@ -12,7 +12,9 @@ def test_task_loads_offline_with_fixed_split(name):
     again = task.load(0)
     assert again == (train, evald)
     if name != "trivia":  # trivia is a recall task: its eval questions are the trained ones (documented)
-        assert not {(r["instruction"], r["input"]) for r in evald} & {(r["instruction"], r["input"]) for r in train}
+        assert not {(r["instruction"], r["input"]) for r in evald} & {
+            (r["instruction"], r["input"]) for r in train
+        }
         assert task.load(1)[1] != evald
 
 
@@ -25,4 +27,6 @@ def test_sentiment_labels_balanced_enough():
 def test_metrics():
     assert exact_or_contains(["The answer is Paris."], ["paris"]) == {"contains": 1.0, "exact_match": 0.0}
     assert first_number_exact(["1,234 apples", "x"], ["1234", "5"]) == {"exact_match": 0.5}
-    assert bleu(["Das ist ein gutes Beispiel\nextra"], ["Das ist ein gutes Beispiel"])["bleu"] == pytest.approx(100.0)
+    assert bleu(["Das ist ein gutes Beispiel\nextra"], ["Das ist ein gutes Beispiel"])[
+        "bleu"
+    ] == pytest.approx(100.0)

@@ -12,6 +12,17 @@ from slimtune.models import tiny_llama
 from slimtune.trainer import Trainer
 
 __all__ = [
-    "METHODS", "Adapted", "DataConfig", "MethodConfig", "ModelConfig", "RunConfig", "TrainConfig", "Trainer",
-    "apply_method", "load_config", "load_model", "make_config", "tiny_llama",
+    "METHODS",
+    "Adapted",
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "Trainer",
+    "apply_method",
+    "load_config",
+    "load_model",
+    "make_config",
+    "tiny_llama",
 ]

@@ -31,7 +31,10 @@ def _say(msg: str = "") -> None:
 
 def print_eval(title: str, res: EvalResult) -> None:
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in res.metrics.items())
-    _say(f"{title}: eval loss {res.loss:.4f}, perplexity {res.perplexity:.2f}" + (f", {metrics}" if metrics else ""))
+    _say(
+        f"{title}: eval loss {res.loss:.4f}, perplexity {res.perplexity:.2f}"
+        + (f", {metrics}" if metrics else "")
+    )
 
 
 def print_samples(before: EvalResult | None, after: EvalResult) -> None:
@@ -48,8 +51,10 @@ def new_run_dir(cfg: C.RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.train.output_dir.format(method=cfg.method.name, task=task, time=stamp))
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"train.output_dir '{run_dir}' already holds files; continue it with "
-                        f"`slimtune train --resume {run_dir}` or choose another train.output_dir")
+        raise UserError(
+            f"train.output_dir '{run_dir}' already holds files; continue it with "
+            f"`slimtune train --resume {run_dir}` or choose another train.output_dir"
+        )
     return run_dir
 
 
@@ -63,8 +68,9 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    model, tok = models.load(cfg.model.name, cfg.model.dtype,
-                             device="cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = models.load(
+        cfg.model.name, cfg.model.dtype, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
     return Prepared(apply_method(model, cfg.method), tok)
 
 
@@ -106,8 +112,10 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         C.save_config(cfg, run_dir / RUN_CONFIG)
     n_train = sum(x.numel() for x in p.adapted.trainable_parameters())
     n_total = sum(x.numel() for x in p.adapted.model.parameters())
-    say(f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
-         f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}")
+    say(
+        f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
+        f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}"
+    )
     trainer = Trainer(p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir)
     before_path = run_dir / "eval_before.json"
     if resume_dir is not None and before_path.is_file():
@@ -129,16 +137,29 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     mem = p.adapted.memory_report()
     mem["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
     results = {
-        "method": cfg.method.name, "model": cfg.model.name, "task": cfg.data.task, "steps": result.steps,
-        "before": before.summary(), "after": after.summary(), "train_loss_first": result.first_loss,
-        "train_loss_last": result.last_loss, "train_wall_s": result.train_s,
-        "total_wall_s": time.perf_counter() - t0, "tokens": result.tokens, "peak_bytes": result.peak_bytes,
-        "trainable_params": n_train, "total_params": n_total, "memory_by_role": mem,
-        "samples": after.samples, "saved": str(final),
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "task": cfg.data.task,
+        "steps": result.steps,
+        "before": before.summary(),
+        "after": after.summary(),
+        "train_loss_first": result.first_loss,
+        "train_loss_last": result.last_loss,
+        "train_wall_s": result.train_s,
+        "total_wall_s": time.perf_counter() - t0,
+        "tokens": result.tokens,
+        "peak_bytes": result.peak_bytes,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "memory_by_role": mem,
+        "samples": after.samples,
+        "saved": str(final),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    _say(f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
-         f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}")
+    _say(
+        f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
+        f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}"
+    )
     _say(f"saved: {final}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
     return results
 

@@ -54,8 +54,10 @@ def cmd_validate(args) -> int:
     from slimtune import config as C
 
     cfg = C.load_config(args.config, args.overrides)
-    print(f"{args.config}: ok (method {cfg.method.name}, model {cfg.model.name}, "
-          f"data {cfg.data.task or cfg.data.path}, {cfg.train.steps} steps)")
+    print(
+        f"{args.config}: ok (method {cfg.method.name}, model {cfg.model.name}, "
+        f"data {cfg.data.task or cfg.data.path}, {cfg.train.steps} steps)"
+    )
     return 0
 
 
@@ -128,7 +130,9 @@ def cmd_export(args) -> int:
     from slimtune import api
 
     out = api.export(args.run, args.out)
-    print(f"exported a merged plain model to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    print(
+        f"exported a merged plain model to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)"
+    )
     return 0
 
 
@@ -137,9 +141,19 @@ def cmd_bench(args) -> int:
 
     if args.config and "=" in args.config:  # `bench --methods a,b x.k=v`: the first override lands here
         args.overrides, args.config = [args.config, *args.overrides], None
-    plan = plan_from_args(args.methods, args.config, args.overrides, model=args.model, shape=args.shape,
-                          batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                          threads=args.threads, timeout_s=args.timeout)
+    plan = plan_from_args(
+        args.methods,
+        args.config,
+        args.overrides,
+        model=args.model,
+        shape=args.shape,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        timeout_s=args.timeout,
+    )
     results = bench(plan, args.out)
     print((Path(args.out) / "results.md").read_text())
     print(f"wrote {args.out}/results.json, results.md, results.png")
@@ -164,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="methods, model aliases and tasks")
     lst.set_defaults(fn=cmd_list)
 
-    for name, fn, helptext in (("eval", cmd_eval, "evaluate a run (or a base model on a task)"),
-                               ("generate", cmd_generate, "greedy generations from a run or a base model")):
+    for name, fn, helptext in (
+        ("eval", cmd_eval, "evaluate a run (or a base model on a task)"),
+        ("generate", cmd_generate, "greedy generations from a run or a base model"),
+    ):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("run", nargs="?", help="RUN_DIR written by `slimtune train`")
         s.add_argument("--model", help="a base model (alias, HF dir, .gguf) instead of a run")

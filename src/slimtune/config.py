@@ -141,8 +141,16 @@ class TrainConfig(Checked):
 
     def check(self) -> list[Problem]:
         out = _positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "threads")
-        out += _positive(self, "weight_decay", "warmup_steps", "eval_every", "save_every", "log_every",
-                         "num_generations", allow_zero=True)
+        out += _positive(
+            self,
+            "weight_decay",
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "log_every",
+            "num_generations",
+            allow_zero=True,
+        )
         out += _choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         out += _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         return out
@@ -226,7 +234,11 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in data.items():
         if key not in fields:
             near = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = f" (did you mean '{prefix}.{near[0]}'?)" if near else f" (allowed: {', '.join(sorted(fields))})"
+            hint = (
+                f" (did you mean '{prefix}.{near[0]}'?)"
+                if near
+                else f" (allowed: {', '.join(sorted(fields))})"
+            )
             local.append(f"{prefix}.{key}: unknown key{hint}")
             continue
         ok, coerced = _coerce(value, hints[key])
@@ -288,11 +300,15 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file '{path}'{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        raise UserError(
+            f"config file '{path}'{where}: invalid YAML ({getattr(err, 'problem', err)})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file '{path}': the top level must be a mapping (model:, data:, train:, method:)")
+        raise UserError(
+            f"config file '{path}': the top level must be a mapping (model:, data:, train:, method:)"
+        )
     return data
 
 

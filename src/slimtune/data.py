@@ -35,10 +35,14 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
 
             ds = load_from_disk(str(p))
         except Exception as err:
-            raise UserError(f"data.path '{path}': not a saved HF dataset ({err.__class__.__name__}: {err})") from None
+            raise UserError(
+                f"data.path '{path}': not a saved HF dataset ({err.__class__.__name__}: {err})"
+            ) from None
         if hasattr(ds, "keys"):  # DatasetDict: take 'train'
             if "train" not in ds:
-                raise UserError(f"data.path '{path}': DatasetDict has no 'train' split (has {list(ds.keys())})")
+                raise UserError(
+                    f"data.path '{path}': DatasetDict has no 'train' split (has {list(ds.keys())})"
+                )
             ds = ds["train"]
         return [(i + 1, dict(r)) for i, r in enumerate(ds)]
     suffix = p.suffix.lower()
@@ -53,7 +57,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
                 except json.JSONDecodeError as err:
                     raise UserError(f"data.path '{path}' line {i}: invalid JSON ({err.msg})") from None
                 if not isinstance(rec, dict):
-                    raise UserError(f"data.path '{path}' line {i}: expected a JSON object, got {type(rec).__name__}")
+                    raise UserError(
+                        f"data.path '{path}' line {i}: expected a JSON object, got {type(rec).__name__}"
+                    )
                 out.append((i, rec))
         return out
     if suffix == ".csv":
@@ -63,7 +69,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         import pyarrow.parquet as pq
 
         return [(i + 1, r) for i, r in enumerate(pq.read_table(p).to_pylist())]
-    raise UserError(f"data.path '{path}': unsupported file type '{suffix}' (use .jsonl, .csv, .parquet or a dataset dir)")
+    raise UserError(
+        f"data.path '{path}': unsupported file type '{suffix}' (use .jsonl, .csv, .parquet or a dataset dir)"
+    )
 
 
 def detect_format(records: list[tuple[int, dict]], where: str) -> str:
@@ -73,8 +81,10 @@ def detect_format(records: list[tuple[int, dict]], where: str) -> str:
     for fmt in ("chat", "instruction", "text"):
         if all(f in first for f in FORMAT_FIELDS[fmt]):
             return fmt
-    raise UserError(f"{where} line {records[0][0]}: cannot tell the format from fields {sorted(first)} "
-                    "(need 'text', or 'instruction'+'output', or 'messages')")
+    raise UserError(
+        f"{where} line {records[0][0]}: cannot tell the format from fields {sorted(first)} "
+        "(need 'text', or 'instruction'+'output', or 'messages')"
+    )
 
 
 # ---------------------------------------------------------------- rendering + tokenizing
@@ -92,8 +102,9 @@ def instruction_prompt(tok, instruction: str, input_text: str = "") -> str:
     """The prompt text for an instruction record (chat template when the tokenizer has one)."""
     user = instruction if not input_text else f"{instruction}\n\n{input_text}"
     if has_chat_template(tok):
-        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                       add_generation_prompt=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
     return f"### Instruction:\n{user}\n\n### Response:\n"
 
 
@@ -130,7 +141,11 @@ def _encode_chat(tok, rec: dict, where: str, line: int) -> tuple[list[int], list
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f"{where} line {line}: field 'messages' must be a non-empty list")
     for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise UserError(f"{where} line {line}: messages[{j}] needs string fields 'role' and 'content'")
     if not has_chat_template(tok):
         raise UserError(f"{where}: format 'chat' needs a tokenizer with a chat template")
@@ -146,11 +161,12 @@ def _encode_chat(tok, rec: dict, where: str, line: int) -> tuple[list[int], list
     return ids, labels
 
 
-def _append(tok, ids: list[int], labels: list[int], done: str, text: str, learn: bool, where: str,
-            line: int) -> str:
+def _append(
+    tok, ids: list[int], labels: list[int], done: str, text: str, learn: bool, where: str, line: int
+) -> str:
     if not text.startswith(done):
         raise UserError(f"{where} line {line}: the chat template is not prefix-stable; use format 'text'")
-    new = _ids(tok, text[len(done):]) if len(text) > len(done) else []
+    new = _ids(tok, text[len(done) :]) if len(text) > len(done) else []
     ids += new
     labels += new if learn else [IGNORE] * len(new)
     return text
@@ -183,8 +199,13 @@ def encode_records(tok, records: list[tuple[int, dict]], fmt: str, max_length: i
         ids_all.append(ids)
         labels_all.append(labels)
     if truncated:
-        log.warning("%s: %d of %d examples truncated to data.max_length=%d", where, truncated, len(records),
-                    max_length)
+        log.warning(
+            "%s: %d of %d examples truncated to data.max_length=%d",
+            where,
+            truncated,
+            len(records),
+            max_length,
+        )
     return Encoded(ids_all, labels_all, truncated)
 
 
@@ -192,12 +213,14 @@ def pack(enc: Encoded, max_length: int) -> Encoded:
     """Concatenate examples and cut into rows of exactly ``max_length`` (the last partial row is kept)."""
     flat_ids = [t for row in enc.input_ids for t in row]
     flat_labels = [t for row in enc.labels for t in row]
-    ids = [flat_ids[i: i + max_length] for i in range(0, len(flat_ids), max_length)]
-    labels = [flat_labels[i: i + max_length] for i in range(0, len(flat_labels), max_length)]
+    ids = [flat_ids[i : i + max_length] for i in range(0, len(flat_ids), max_length)]
+    labels = [flat_labels[i : i + max_length] for i in range(0, len(flat_labels), max_length)]
     return Encoded(ids, labels, enc.truncated)
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, pad_left: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, pad_left: bool = False
+) -> dict[str, torch.Tensor]:
     """Pad to the longest row in the batch (dynamic padding); labels on padding are IGNORE."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -216,7 +239,9 @@ class BatchStream:
 
     def __init__(self, enc: Encoded, batch_size: int, pad_id: int, seed: int, rank: int = 0, world: int = 1):
         if len(enc) < batch_size * world:
-            raise UserError(f"data: only {len(enc)} training examples for a batch of {batch_size} x {world} processes")
+            raise UserError(
+                f"data: only {len(enc)} training examples for a batch of {batch_size} x {world} processes"
+            )
         self.enc, self.batch_size, self.pad_id, self.seed = enc, batch_size, pad_id, seed
         self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0
@@ -242,9 +267,9 @@ class BatchStream:
         if self.index + span > len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._make_order()
-        global_ids = self._order[self.index: self.index + span]
+        global_ids = self._order[self.index : self.index + span]
         self.index += span
-        mine = global_ids[self.rank:: self.world]
+        mine = global_ids[self.rank :: self.world]
         return collate([(self.enc.input_ids[i], self.enc.labels[i]) for i in mine], self.pad_id)
 
 

@@ -35,13 +35,17 @@ def eval_loss(adapted: Adapted, data: Encoded, batch_size: int, pad_id: int) -> 
     dev = _device(adapted)
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        rows = list(zip(data.input_ids[i: i + batch_size], data.labels[i: i + batch_size]))
+        rows = list(zip(data.input_ids[i : i + batch_size], data.labels[i : i + batch_size]))
         b = {k: v.to(dev) for k, v in collate(rows, pad_id).items()}
         logits = adapted.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         shift_logits = logits[:, :-1].float()
         shift_labels = b["labels"][:, 1:]
-        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        loss = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         total += loss.item()
         count += int((shift_labels != IGNORE).sum())
     return total / max(count, 1)
@@ -63,8 +67,9 @@ class ChoiceScores:
 
 
 @torch.no_grad()
-def choice_predictions(adapted: Adapted, tok, records: list[dict], choices: tuple[str, ...],
-                       batch_size: int) -> ChoiceScores:
+def choice_predictions(
+    adapted: Adapted, tok, records: list[dict], choices: tuple[str, ...], batch_size: int
+) -> ChoiceScores:
     """For each record, the choice whose tokens (and the end token) are most likely after the prompt.
 
     The rows of the reference answers are exactly the eval rows (prompt, answer, end token), so the same pass
@@ -79,7 +84,7 @@ def choice_predictions(adapted: Adapted, tok, records: list[dict], choices: tupl
         rows += [(p + c, [IGNORE] * len(p) + c) for c in choice_ids]
     scores = []
     for i in range(0, len(rows), batch_size):
-        b = {k: v.to(dev) for k, v in collate(rows[i: i + batch_size], tok.pad_token_id).items()}
+        b = {k: v.to(dev) for k, v in collate(rows[i : i + batch_size], tok.pad_token_id).items()}
         logp = adapted.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         logp = logp[:, :-1].log_softmax(-1)
         labels = b["labels"][:, 1:]
@@ -103,16 +108,29 @@ def generate(adapted: Adapted, tok, records: list[dict], max_new_tokens: int, ba
     prompts = [_ids(tok, p) for p in _prompts(tok, records)]
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        rows = [(p, p) for p in prompts[i: i + batch_size]]
+        rows = [(p, p) for p in prompts[i : i + batch_size]]
         b = collate(rows, tok.pad_token_id, pad_left=True)
-        new = adapted.generate(b["input_ids"].to(dev), b["attention_mask"].to(dev), max_new_tokens,
-                               tok.eos_token_id, tok.pad_token_id)
+        new = adapted.generate(
+            b["input_ids"].to(dev),
+            b["attention_mask"].to(dev),
+            max_new_tokens,
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
         out += [t.strip() for t in tok.batch_decode(new.cpu(), skip_special_tokens=True)]
     return out
 
 
-def evaluate(adapted: Adapted, tok, data: Encoded, records: list[dict], task: Task | None, batch_size: int,
-             with_metric: bool = True, num_samples: int = 3) -> EvalResult:
+def evaluate(
+    adapted: Adapted,
+    tok,
+    data: Encoded,
+    records: list[dict],
+    task: Task | None,
+    batch_size: int,
+    with_metric: bool = True,
+    num_samples: int = 3,
+) -> EvalResult:
     """Loss/perplexity on ``data``; the task metric on ``records``; ``num_samples`` shown generations."""
     was_training = adapted.model.training
     adapted.model.eval()
@@ -135,8 +153,11 @@ def evaluate(adapted: Adapted, tok, data: Encoded, records: list[dict], task: Ta
             result.metrics = task.score(preds, refs)
         shown = records[:num_samples]
         if shown and "instruction" in shown[0]:
-            gens = preds[: len(shown)] if preds is not None and not (task and task.choices) else \
-                generate(adapted, tok, shown, task.max_new_tokens if task else 32, batch_size)
+            gens = (
+                preds[: len(shown)]
+                if preds is not None and not (task and task.choices)
+                else generate(adapted, tok, shown, task.max_new_tokens if task else 32, batch_size)
+            )
             for r, g in zip(shown, gens):
                 prompt = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
                 result.samples.append({"prompt": prompt, "reference": r.get("output", ""), "output": g})

@@ -28,7 +28,9 @@ def tensor_bytes(model: nn.Module) -> dict[tuple[str, str, str], int]:
         role = "trainable" if p.requires_grad else "frozen_weights"
         out[(str(p.device), str(p.dtype).removeprefix("torch."), role)] += _nbytes(p)
         if p.grad is not None:
-            out[(str(p.grad.device), str(p.grad.dtype).removeprefix("torch."), "gradients")] += _nbytes(p.grad)
+            out[(str(p.grad.device), str(p.grad.dtype).removeprefix("torch."), "gradients")] += _nbytes(
+                p.grad
+            )
     for b in model.buffers():
         if id(b) in seen:
             continue
@@ -61,18 +63,6 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process (bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def cuda_peaks() -> dict[str, int] | None:
-    if not torch.cuda.is_available():
-        return None
-    return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
 
 
 def device_peak_bytes(device: torch.device) -> int:

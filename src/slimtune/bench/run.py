@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-
 from slimtune.config import parse_overrides
 from slimtune.errors import UserError
 
@@ -95,30 +94,62 @@ def _meta(plan: BenchPlan) -> dict:
     import slimtune
 
     try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        git = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         git = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
-    return {"slimtune": slimtune.__version__, "git": git, "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": device,
-            "threads": plan.threads or torch.get_num_threads(), "model": plan.shape or plan.model,
-            "shape": plan.shape, "batch": plan.batch, "seq_len": plan.seq_len, "steps": plan.steps,
-            "warmup": plan.warmup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "slimtune": slimtune.__version__,
+        "git": git,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "threads": plan.threads or torch.get_num_threads(),
+        "model": plan.shape or plan.model,
+        "shape": plan.shape,
+        "batch": plan.batch,
+        "seq_len": plan.seq_len,
+        "steps": plan.steps,
+        "warmup": plan.warmup,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
-    spec = {"model": plan.model, "shape": plan.shape, "method": run["method"], "settings": run["settings"],
-            "batch": plan.batch, "seq_len": plan.seq_len, "steps": plan.steps, "warmup": plan.warmup,
-            "seed": plan.seed, "threads": plan.threads, "dtype": plan.dtype}
+    spec = {
+        "model": plan.model,
+        "shape": plan.shape,
+        "method": run["method"],
+        "settings": run["settings"],
+        "batch": plan.batch,
+        "seq_len": plan.seq_len,
+        "steps": plan.steps,
+        "warmup": plan.warmup,
+        "seed": plan.seed,
+        "threads": plan.threads,
+        "dtype": plan.dtype,
+    }
     name = label(run).replace("/", "_")
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     base = {"method": run["method"], "label": label(run), "settings": run["settings"]}
     try:
-        proc = subprocess.run([sys.executable, "-m", "slimtune.bench.worker", str(spec_path), str(out_path)],
-                              capture_output=True, text=True, timeout=plan.timeout_s,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "slimtune.bench.worker", str(spec_path), str(out_path)],
+            capture_output=True,
+            text=True,
+            timeout=plan.timeout_s,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     except subprocess.TimeoutExpired:
         return {**base, "ok": False, "error": f"timed out after {plan.timeout_s} s"}
     if out_path.is_file():
@@ -151,10 +182,13 @@ def ceilings(runs: list[dict]) -> dict:
     probe, qlora = by_label.get("nf4-forward"), by_label.get("qlora")
     if probe is None or qlora is None:
         return {}
-    return {"qlora_step_s": qlora["step_time_median_s"], "nf4_forward_s": probe["step_time_median_s"],
-            "nf4_forward_with_head_s": probe["forward_with_head_median_s"],
-            "speed_ceiling": qlora["step_time_median_s"] / probe["step_time_median_s"],
-            "speed_ceiling_with_head": qlora["step_time_median_s"] / probe["forward_with_head_median_s"]}
+    return {
+        "qlora_step_s": qlora["step_time_median_s"],
+        "nf4_forward_s": probe["step_time_median_s"],
+        "nf4_forward_with_head_s": probe["forward_with_head_median_s"],
+        "speed_ceiling": qlora["step_time_median_s"] / probe["step_time_median_s"],
+        "speed_ceiling_with_head": qlora["step_time_median_s"] / probe["forward_with_head_median_s"],
+    }
 
 
 def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
@@ -171,8 +205,10 @@ def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
             res = run_one(plan, run, Path(tmp))
             runs.append(res)
             if res.get("ok"):
-                echo(f"bench: {label(run)}: {res['step_time_median_s']:.3f} s/step, "
-                     f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_bytes'] / 1e9:.2f} GB")
+                echo(
+                    f"bench: {label(run)}: {res['step_time_median_s']:.3f} s/step, "
+                    f"{res['tokens_per_s']:.0f} tokens/s, peak {res['peak_bytes'] / 1e9:.2f} GB"
+                )
             else:
                 echo(f"bench: {label(run)}: FAILED ({res['error']})")
     results = {"meta": _meta(plan), "runs": runs, "ratios": ratios(runs), "ceilings": ceilings(runs)}
@@ -180,5 +216,3 @@ def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
     write_markdown(results, out / "results.md")
     write_png(results, out / "results.png")
     return results
-
-

@@ -50,7 +50,7 @@ def _text_rows(tok, n_rows: int, seq_len: int, seed: int) -> list[list[int]]:
         flat.append(tok.eos_token_id)
         if len(flat) >= n_rows * seq_len:
             break
-    return [flat[i * seq_len:(i + 1) * seq_len] for i in range(n_rows)]
+    return [flat[i * seq_len : (i + 1) * seq_len] for i in range(n_rows)]
 
 
 def _random_rows(vocab: int, n_rows: int, seq_len: int, seed: int) -> list[list[int]]:
@@ -87,8 +87,11 @@ def run_nf4_forward(spec: dict) -> dict:
     quantize_decoder(model, spec.get("settings", {}).get("backend", "auto"), double_quant=True)
     device = next(model.parameters()).device
     batch, seq_len, steps, warmup = spec["batch"], spec["seq_len"], spec["steps"], spec["warmup"]
-    rows = _text_rows(tok, batch, seq_len, 0) if tok is not None else _random_rows(model.config.vocab_size, batch,
-                                                                                    seq_len, 0)
+    rows = (
+        _text_rows(tok, batch, seq_len, 0)
+        if tok is not None
+        else _random_rows(model.config.vocab_size, batch, seq_len, 0)
+    )
     ids = torch.tensor(rows, device=device)
     times, head_times = [], []
     for i in range(steps + warmup):
@@ -109,11 +112,22 @@ def run_nf4_forward(spec: dict) -> dict:
             head_times.append(t_all)
     median = sorted(times)[len(times) // 2]
     rss = host_peak_bytes()
-    return {"trainable_params": 0, "total_params": sum(p.numel() for p in model.parameters()),
-            "peak_rss_bytes": rss, "cuda_peak_allocated_bytes": None, "peak_bytes": rss, "memory_by_role": {},
-            "step_time_median_s": median, "step_times_s": times, "tokens_per_s": batch * seq_len / median,
-            "forward_with_head_median_s": sorted(head_times)[len(head_times) // 2],
-            "loss_first": None, "loss_last": None, "losses": [], "probe": True}
+    return {
+        "trainable_params": 0,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "peak_rss_bytes": rss,
+        "cuda_peak_allocated_bytes": None,
+        "peak_bytes": rss,
+        "memory_by_role": {},
+        "step_time_median_s": median,
+        "step_times_s": times,
+        "tokens_per_s": batch * seq_len / median,
+        "forward_with_head_median_s": sorted(head_times)[len(head_times) // 2],
+        "loss_first": None,
+        "loss_last": None,
+        "losses": [],
+        "probe": True,
+    }
 
 
 def run(spec: dict) -> dict:
@@ -131,12 +145,20 @@ def run(spec: dict) -> dict:
     adapted = apply(model, make_config(spec["method"], **settings))
     batch, seq_len, steps, warmup = spec["batch"], spec["seq_len"], spec["steps"], spec["warmup"]
     n_rows = batch * (steps + warmup)
-    rows = _text_rows(tok, n_rows, seq_len, spec.get("seed", 0)) if tok is not None else \
-        _random_rows(model.config.vocab_size, n_rows, seq_len, spec.get("seed", 0))
+    rows = (
+        _text_rows(tok, n_rows, seq_len, spec.get("seed", 0))
+        if tok is not None
+        else _random_rows(model.config.vocab_size, n_rows, seq_len, spec.get("seed", 0))
+    )
     data = Encoded(rows, [list(r) for r in rows])
     lr = spec.get("settings", {}).get("lr", 1e-4)
-    cfg = TrainConfig(steps=steps + warmup, batch_size=batch, lr=lr, schedule="constant",
-                      grad_checkpointing=bool(spec.get("grad_checkpointing", False)))
+    cfg = TrainConfig(
+        steps=steps + warmup,
+        batch_size=batch,
+        lr=lr,
+        schedule="constant",
+        grad_checkpointing=bool(spec.get("grad_checkpointing", False)),
+    )
     pad = SimpleNamespace(pad_token_id=tok.pad_token_id if tok is not None else 0)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(adapted, pad, cfg, data, Encoded([], []), [], None, Path(tmp))
@@ -181,12 +203,21 @@ def run(spec: dict) -> dict:
     return {
         "trainable_params": sum(p.numel() for p in adapted.trainable_parameters()),
         "total_params": sum(p.numel() for p in adapted.model.parameters()),
-        "peak_rss_bytes": rss, "load_peak_rss_bytes": load_peak, "cuda_peak_allocated_bytes": cuda_peak,
+        "peak_rss_bytes": rss,
+        "load_peak_rss_bytes": load_peak,
+        "cuda_peak_allocated_bytes": cuda_peak,
         "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-        "peak_bytes": cuda_peak if cuda else rss, "memory_by_role": role_bytes,
-        "step_time_median_s": median, "step_times_s": times, "tokens_per_s": batch * seq_len / median,
-        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "setup_s": setup_s,
-        "device": str(trainer.acc.device), "data": "sentiment text" if tok is not None else "random tokens",
+        "peak_bytes": cuda_peak if cuda else rss,
+        "memory_by_role": role_bytes,
+        "step_time_median_s": median,
+        "step_times_s": times,
+        "tokens_per_s": batch * seq_len / median,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "setup_s": setup_s,
+        "device": str(trainer.acc.device),
+        "data": "sentiment text" if tok is not None else "random tokens",
         "traffic": dict(adapted.extra_state.get("traffic", {})),
     }
 

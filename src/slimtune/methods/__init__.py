@@ -19,10 +19,20 @@ from slimtune.methods.qst import QSTConfig, apply_qst
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),
     "lora": MethodSpec("lora", LoraMethodConfig, apply_lora, "adapter", "LoRA via peft (base frozen)"),
-    "qlora": MethodSpec("qlora", QLoraMethodConfig, apply_qlora, "quantized",
-                        "LoRA on an NF4 4-bit frozen base (bitsandbytes or pure-torch NF4)"),
-    "qst": MethodSpec("qst", QSTConfig, apply_qst, "quantized",
-                      "quantized side tuning: 4-bit backbone run without autograd + a d/r-wide side network"),
+    "qlora": MethodSpec(
+        "qlora",
+        QLoraMethodConfig,
+        apply_qlora,
+        "quantized",
+        "LoRA on an NF4 4-bit frozen base (bitsandbytes or pure-torch NF4)",
+    ),
+    "qst": MethodSpec(
+        "qst",
+        QSTConfig,
+        apply_qst,
+        "quantized",
+        "quantized side tuning: 4-bit backbone run without autograd + a d/r-wide side network",
+    ),
 }
 
 

@@ -54,7 +54,9 @@ class Adapted:
         self.model = model
         self.cfg = cfg
         self.hooks = hooks or TrainerHooks()
-        self.extra_state: dict[str, Any] = {}  # JSON-able method state (schedules, counters) saved with checkpoints
+        self.extra_state: dict[
+            str, Any
+        ] = {}  # JSON-able method state (schedules, counters) saved with checkpoints
 
     # ---- training surface
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -78,8 +80,11 @@ class Adapted:
 
     def extra_state_scalars(self) -> dict[str, float]:
         """Numbers from ``extra_state`` worth logging each step (e.g. a current omission rate)."""
-        return {f"method/{k}": v for k, v in self.extra_state.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return {
+            f"method/{k}": v
+            for k, v in self.extra_state.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
     # ---- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -121,12 +126,24 @@ class Adapted:
 
         return module_bytes_by_role(self.model)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        pad_token_id: int | None,
+    ) -> torch.Tensor:
         """Greedy continuation of a left-padded batch; returns only the new tokens."""
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-        return out[:, input_ids.shape[1]:]
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        return out[:, input_ids.shape[1] :]
 
 
 class ApplyFn(Protocol):

@@ -111,7 +111,11 @@ def _peft_lora(model: nn.Module, cfg: LoraMethodConfig) -> nn.Module:
 
     targets = cfg.target_modules
     lcfg = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
     )
     return get_peft_model(model, lcfg)
@@ -159,8 +163,14 @@ def _peft_lora_custom(model: nn.Module, cfg: LoraMethodConfig, mapping: dict) ->
     targets = cfg.target_modules
     if targets == ["all-linear"]:
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in mapping})
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=targets)
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+    )
     lcfg._register_custom_module(mapping)
     return get_peft_model(model, lcfg)
 

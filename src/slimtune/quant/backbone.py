@@ -46,11 +46,17 @@ def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
         if backend == "bitsandbytes":
             import bitsandbytes as bnb
 
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=lin.weight.dtype, compress_statistics=double_quant,
-                                  quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                         compress_statistics=double_quant)
+            q = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=lin.bias is not None,
+                compute_dtype=lin.weight.dtype,
+                compress_statistics=double_quant,
+                quant_type="nf4",
+            )
+            q.weight = bnb.nn.Params4bit(
+                lin.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=double_quant
+            )
             if lin.bias is not None:
                 q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
             q = q.to(device)
@@ -86,8 +92,9 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return out.T.contiguous().float()
 
 
-def nf4_weight_bytes(model: nn.Module, double_quant: bool = True, blocksize: int = 64,
-                     other_bytes_per_param: int = 2) -> dict[str, int]:
+def nf4_weight_bytes(
+    model: nn.Module, double_quant: bool = True, blocksize: int = 64, other_bytes_per_param: int = 2
+) -> dict[str, int]:
     """Bytes a model takes with its decoder linears in NF4 (works on a meta-device model: nothing is allocated).
 
     codes: 0.5 B/weight; scales: 4 B per block of 64, or with double quantization 1 B per block plus an fp32
@@ -104,5 +111,9 @@ def nf4_weight_bytes(model: nn.Module, double_quant: bool = True, blocksize: int
         codes += -(-n // 2)
         scales += blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
     other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in q_ids)
-    return {"codes": codes, "scales": scales, "other": other * other_bytes_per_param,
-            "total": codes + scales + other * other_bytes_per_param}
+    return {
+        "codes": codes,
+        "scales": scales,
+        "other": other * other_bytes_per_param,
+        "total": codes + scales + other * other_bytes_per_param,
+    }

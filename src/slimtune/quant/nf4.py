@@ -17,12 +17,27 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 
 
 @lru_cache(maxsize=1)
@@ -68,7 +83,9 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor,
     return blocks, blocks.abs().amax(dim=1)
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[torch.Tensor, NF4State]:
+def quantize_nf4(
+    w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
+) -> tuple[torch.Tensor, NF4State]:
     """Quantize ``w`` to packed NF4 bytes ``[numel/2, 1]`` (uint8) and the state to dequantize it."""
     flat = w.detach().reshape(-1).float()
     blocks, absmax = _blockwise_absmax(flat, blocksize)
@@ -115,8 +132,13 @@ class NF4Linear(nn.Module):
     Used when bitsandbytes is not available. The dequantized weight exists only inside ``forward``.
     """
 
-    def __init__(self, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                 compute_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype or linear.weight.dtype
@@ -130,8 +152,14 @@ class NF4Linear(nn.Module):
 
     def state(self) -> NF4State:
         shape, bs, offset, bs2 = self._meta
-        return NF4State(shape=shape, absmax=self.absmax, blocksize=bs, offset=offset,
-                        absmax2=self.absmax2 if offset is not None else None, blocksize2=bs2)
+        return NF4State(
+            shape=shape,
+            absmax=self.absmax,
+            blocksize=bs,
+            offset=offset,
+            absmax2=self.absmax2 if offset is not None else None,
+            blocksize2=bs2,
+        )
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_nf4(self.qweight, self.state(), self.compute_dtype)

@@ -18,12 +18,20 @@ class QSTAdapted(Adapted):
     model: QSTModel
 
     def merge(self) -> nn.Module:
-        raise NotImplementedError("QST cannot be merged: its side network is a separate model that reads every "
-                                  "backbone layer, not a change to the backbone's weights")
+        raise NotImplementedError(
+            "QST cannot be merged: its side network is a separate model that reads every "
+            "backbone layer, not a change to the backbone's weights"
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | None, pad_token_id: int | None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        pad_token_id: int | None,
+    ) -> torch.Tensor:
         """Greedy decoding with both KV caches (backbone and side) advanced each step."""
         model = self.model
         cache = model.new_cache()

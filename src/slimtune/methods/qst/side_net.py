@@ -69,7 +69,11 @@ def side_config(backbone_config, r: int):
 
 
 def check_shape(backbone_config, r: int) -> list[str]:
-    d, heads, ff = backbone_config.hidden_size, backbone_config.num_attention_heads, backbone_config.intermediate_size
+    d, heads, ff = (
+        backbone_config.hidden_size,
+        backbone_config.num_attention_heads,
+        backbone_config.intermediate_size,
+    )
     problems = []
     if d % r:
         problems.append(f"method.r: {r} does not divide the hidden size {d}")
@@ -85,7 +89,11 @@ class SideNetwork(nn.Module):
 
     def __init__(self, backbone_config, cfg: QSTConfig):
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRMSNorm,
+            LlamaRotaryEmbedding,
+        )
 
         d, n = backbone_config.hidden_size, backbone_config.num_hidden_layers
         self.config = side_config(backbone_config, cfg.r)
@@ -99,21 +107,33 @@ class SideNetwork(nn.Module):
         self.up = nn.Linear(d_s, d)
         self.alpha = nn.Parameter(torch.full((d,), float(cfg.alpha_init)))
 
-    def forward(self, states: list[torch.Tensor], h_final: torch.Tensor, attention_mask, position_ids,
-                cache=None) -> torch.Tensor:
+    def forward(
+        self, states: list[torch.Tensor], h_final: torch.Tensor, attention_mask, position_ids, cache=None
+    ) -> torch.Tensor:
         """``states`` = [h_0, ..., h_N] (no grad); returns the fused final hidden state h (width d)."""
         from transformers.masking_utils import create_causal_mask
 
         dtype = self.up.weight.dtype
         g = self.down[0](states[0].to(dtype))
-        mask = create_causal_mask(config=self.config, inputs_embeds=g, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=g,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
         pos = self.rotary(g, position_ids=position_ids)
         for i, layer in enumerate(self.layers, start=1):
             beta = torch.sigmoid(self.gamma[i - 1])
             g = (1 - beta) * self.down[i - 1](states[i].to(dtype)) + beta * g
-            g = layer(g, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=cache is not None, position_embeddings=pos)
+            g = layer(
+                g,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=pos,
+            )
         side = self.up(self.norm(g))
         return self.alpha * h_final.to(dtype) + (1 - self.alpha) * side
 
@@ -147,35 +167,54 @@ class QSTModel(nn.Module):
     def _decoder(self) -> nn.Module:
         return self.backbone.model
 
-    def run_backbone(self, input_ids, attention_mask, position_ids, cache) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def run_backbone(
+        self, input_ids, attention_mask, position_ids, cache
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Backbone forward without autograd; returns [h_0..h_N] (pre-norm) and FinalNorm(h_N)."""
         decoder = self._decoder()
         states: list[torch.Tensor] = []
         hooks = [decoder.embed_tokens.register_forward_hook(lambda m, i, o: states.append(o))]
-        hooks += [layer.register_forward_hook(lambda m, i, o: states.append(o[0] if isinstance(o, tuple) else o))
-                  for layer in decoder.layers]
+        hooks += [
+            layer.register_forward_hook(lambda m, i, o: states.append(o[0] if isinstance(o, tuple) else o))
+            for layer in decoder.layers
+        ]
         try:
             with torch.no_grad():
-                out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=cache, use_cache=cache is not None)
+                out = decoder(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                )
         finally:
             for h in hooks:
                 h.remove()
         return states, out.last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cache: QSTCache | None = None, **_) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: QSTCache | None = None,
+        **_,
+    ) -> CausalLMOutputWithPast:
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device) + past).unsqueeze(0)
-        states, h_final = self.run_backbone(input_ids, attention_mask, position_ids,
-                                            cache.backbone if cache is not None else None)
+        states, h_final = self.run_backbone(
+            input_ids, attention_mask, position_ids, cache.backbone if cache is not None else None
+        )
         h = self.qst(states, h_final, attention_mask, position_ids, cache.side if cache is not None else None)
         head = self.backbone.get_output_embeddings()
         logits = head(h.to(head.weight.dtype))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def new_cache(self) -> QSTCache:
