@@ -172,3 +172,22 @@ def test_merge_leaves_the_adapted_model_intact():
     a = make("lora", {"r": 4})
     merged = a.merge()
     assert merged is not a.model and any("lora_A" in n for n, _ in a.model.named_parameters())
+
+
+def test_qlora_bnb_stays_differentiable_after_an_eval_pass():
+    """Regression: bitsandbytes' CPU inference repack made the 4-bit layers non-differentiable afterwards."""
+    if not BNB:
+        pytest.skip("bitsandbytes 4-bit not usable here")
+    a = make("qlora", {"r": 4, "dropout": 0.0, "backend": "bitsandbytes"})
+    a.model.eval()
+    with torch.no_grad():
+        a.model(**batch())
+    a.model.train()
+    emb = a.model.get_input_embeddings()
+    emb.weight.requires_grad_(True)
+    a.model(**batch()).loss.backward()
+    assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
+    lin = a.model.base_model.model.model.layers[0].mlp.down_proj.base_layer
+    x = torch.randn(2, 3, lin.in_features, requires_grad=True)
+    lin(x).sum().backward()
+    assert x.grad is not None

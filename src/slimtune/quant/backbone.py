@@ -59,6 +59,10 @@ def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
             )
             if lin.bias is not None:
                 q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+            # bitsandbytes 0.50 repacks a CPU layer's weights for a bf16 kernel on its first eval-mode call
+            # (on CPUs with AVX512-BF16); after that its forward is no longer differentiable w.r.t. the input,
+            # so a later training step silently stops back-propagating through every frozen 4-bit layer.
+            q.support_avx512bf16_for_cpu = False
             q = q.to(device)
         else:
             q = NF4Linear(lin, double_quant=double_quant)
