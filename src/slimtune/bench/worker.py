@@ -218,7 +218,11 @@ def run(spec: dict) -> dict:
         "setup_s": setup_s,
         "device": str(trainer.acc.device),
         "data": "sentiment text" if tok is not None else "random tokens",
-        "traffic": dict(adapted.extra_state.get("traffic", {})),
+        "traffic": {
+            "h2d": dict(adapted.traffic.h2d),
+            "d2h": dict(adapted.traffic.d2h),
+            **adapted.traffic.totals(),
+        },
     }
 
 

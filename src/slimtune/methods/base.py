@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimtune.config import Checked
+from slimtune.memory import TrafficCounter
 
 STATE_FILE = "method_state.safetensors"
 CONFIG_FILE = "slimtune_config.json"
@@ -54,9 +55,10 @@ class Adapted:
         self.model = model
         self.cfg = cfg
         self.hooks = hooks or TrainerHooks()
-        self.extra_state: dict[
-            str, Any
-        ] = {}  # JSON-able method state (schedules, counters) saved with checkpoints
+        # JSON-able method state (schedules, counters) saved with checkpoints
+        self.extra_state: dict[str, Any] = {}
+        # bytes a method moves host<->device; the method increments it, reports and bench read it
+        self.traffic = TrafficCounter()
 
     # ---- training surface
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -1,0 +1,35 @@
+import torch
+
+from slimtune import memory
+from slimtune.methods import apply, make_config
+from slimtune.models import tiny_llama
+
+
+def test_roles_add_up_for_full_fine_tuning():
+    a = apply(tiny_llama(), make_config("full"))
+    n = sum(p.numel() for p in a.trainable_parameters())
+    opt = torch.optim.AdamW(a.trainable_parameters())
+    ids = torch.randint(3, 256, (2, 8))
+    a.model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    roles = a.memory_report()
+    assert roles["trainable"] == 4 * n and roles["gradients"] == 4 * n and roles["frozen_weights"] == 0
+    assert memory.optimizer_bytes(opt) == 8 * n + 4 * len(
+        a.trainable_parameters()
+    )  # two moments + step counters
+
+
+def test_quantized_weights_count_as_frozen_weights():
+    a = apply(tiny_llama(), make_config("qlora", r=4, backend="torch"))
+    by = memory.tensor_bytes(a.model)
+    assert by[("cpu", "uint8", "frozen_weights")] > 0
+    assert a.memory_report()["trainable"] == 4 * sum(p.numel() for p in a.trainable_parameters())
+
+
+def test_traffic_counter_is_part_of_the_contract():
+    a = apply(tiny_llama(), make_config("lora", r=4))
+    a.traffic.add("h2d", "layer0", 1024)
+    a.traffic.add("h2d", "layer0", 1024)
+    a.traffic.add("d2h", "layer1", 512)
+    assert a.traffic.totals() == {"h2d": 2048, "d2h": 512}
+    assert memory.peak_rss_bytes() > 0
