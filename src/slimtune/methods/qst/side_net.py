@@ -138,6 +138,13 @@ class SideNetwork(nn.Module):
         return self.alpha * h_final.to(dtype) + (1 - self.alpha) * side
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy. The labels are shifted (not the logits), so the [B, T, V] logits are never
+    copied; the last position has no target."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
 @dataclass
 class QSTCache:
     """The two KV caches QST advances during generation: the backbone's and the side network's."""
@@ -210,11 +217,7 @@ class QSTModel(nn.Module):
         logits = head(h.to(head.weight.dtype))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+            loss = causal_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def new_cache(self) -> QSTCache:
