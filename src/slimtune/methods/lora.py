@@ -106,18 +106,24 @@ class LoraAdapted(Adapted):
         return merged
 
 
-def _peft_lora(model: nn.Module, cfg: LoraMethodConfig) -> nn.Module:
+def _peft_lora(model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = None) -> nn.Module:
+    """Wrap ``model`` with peft LoRA. ``custom`` maps non-``nn.Linear`` base layer types (our NF4Linear) to the
+    peft LoRA layer that wraps them; 'all-linear' then means every module of those types."""
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.target_modules
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+    if custom and targets == "all-linear":
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in custom})
     lcfg = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         bias="none",
         task_type="CAUSAL_LM",
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        target_modules=targets,
     )
+    if custom:
+        lcfg._register_custom_module(custom)
     return get_peft_model(model, lcfg)
 
 
@@ -149,30 +155,12 @@ def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> Adapted:
 
         from slimtune.quant.nf4 import NF4Linear
 
-        peft_model = _peft_lora_custom(model, cfg, {NF4Linear: LoraLinear})
+        peft_model = _peft_lora(model, cfg, custom={NF4Linear: LoraLinear})
     else:
         peft_model = _peft_lora(model, cfg)
     adapted = QLoraAdapted(peft_model, cfg)
     adapted.extra_state["nf4_backend"] = backend
     return adapted
-
-
-def _peft_lora_custom(model: nn.Module, cfg: LoraMethodConfig, mapping: dict) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.target_modules
-    if targets == ["all-linear"]:
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in mapping})
-    lcfg = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-        target_modules=targets,
-    )
-    lcfg._register_custom_module(mapping)
-    return get_peft_model(model, lcfg)
 
 
 class QLoraAdapted(LoraAdapted):
