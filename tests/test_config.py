@@ -93,3 +93,10 @@ def test_save_and_reload_round_trip(tmp_path):
     C.save_config(cfg, tmp_path / "c.yaml")
     again = C.load_config(tmp_path / "c.yaml")
     assert again == cfg
+
+
+def test_output_dir_placeholders_checked():
+    found = problems({"train": {"output_dir": "runs/{model}"}, "method": {"name": "lora"}})
+    assert found == [
+        "train.output_dir: 'runs/{model}' may only use the placeholders {method}, {task}, {time}"
+    ]

@@ -152,6 +152,15 @@ class TrainConfig(Checked):
             allow_zero=True,
         )
         out += _choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        try:
+            self.output_dir.format(method="m", task="t", time="0")
+        except (KeyError, IndexError, ValueError):
+            out.append(
+                (
+                    "output_dir",
+                    f"{self.output_dir!r} may only use the placeholders {{method}}, {{task}}, {{time}}",
+                )
+            )
         out += _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         return out
 
