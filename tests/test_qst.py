@@ -105,9 +105,28 @@ def test_starts_exactly_at_the_quantized_base(kind, gate):
     ref = tiny_llama(seed=0)
     quantize_decoder(ref, "torch", double_quant=True)
     data = batch()
-    out, expected = a.model(**data), ref.eval()(**data)
+    out, expected = a.model.eval()(**data), ref.eval()(**data)
     assert torch.equal(out.logits, expected.logits)
     assert out.loss.item() == pytest.approx(expected.loss.item(), abs=1e-6)
+    if kind == "maxpool":  # the training-mode (fused, logit-free) loss is the same number
+        train_out = a.model.train()(**data)
+        assert train_out.logits is None
+        assert train_out.loss.item() == pytest.approx(expected.loss.item(), abs=1e-6)
+
+
+def test_fused_training_loss_gives_the_same_side_gradients_as_plain_logits():
+    a, b = make(downsample="adapter", dropout=0.0), make(downsample="adapter", dropout=0.0, fused_loss=False)
+    b.model.load_state_dict(a.model.state_dict())
+    perturb_alpha(a)  # move alpha off 1 so the side network is in the loss
+    perturb_alpha(b)
+    data = batch()
+    la, lb = a.model.train()(**data), b.model.train()(**data)
+    assert la.logits is None and lb.logits is not None
+    la.loss.backward()
+    lb.loss.backward()
+    assert la.loss.item() == pytest.approx(lb.loss.item(), abs=1e-5)
+    for (n, p), (_, q) in zip(a.model.qst.named_parameters(), b.model.qst.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_training_loss_falls_on_a_toy_task():

@@ -36,6 +36,9 @@ class QSTConfig(MethodConfig):
     """Double-quantize the NF4 block scales."""
     backend: str = "auto"
     """NF4 backend: bitsandbytes | torch | auto."""
+    fused_loss: bool = True
+    """Training loss through the frozen head chunk by chunk: no [B, T, vocab] logits (training outputs have
+    ``logits=None``); eval and generation always return logits."""
 
     def check(self) -> list[Problem]:
         out = _positive(self, "r", "rank")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from slimtune.losses import frozen_head_cross_entropy
 from slimtune.methods.qst.config import QSTConfig
 
 
@@ -163,6 +164,7 @@ class QSTModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.qst = SideNetwork(backbone.config, cfg)
+        self.fused_loss = cfg.fused_loss
         self.config = backbone.config
 
     def train(self, mode: bool = True) -> QSTModel:
@@ -214,10 +216,12 @@ class QSTModel(nn.Module):
         )
         h = self.qst(states, h_final, attention_mask, position_ids, cache.side if cache is not None else None)
         head = self.backbone.get_output_embeddings()
-        logits = head(h.to(head.weight.dtype))
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+        h = h.to(head.weight.dtype)
+        if labels is not None and self.training and self.fused_loss and getattr(head, "bias", None) is None:
+            # Training: the frozen head's loss gradient is formed chunk by chunk; no [B, T, V] logits exist.
+            return CausalLMOutputWithPast(loss=frozen_head_cross_entropy(h, head.weight, labels), logits=None)
+        logits = head(h)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def new_cache(self) -> QSTCache:

@@ -1,0 +1,82 @@
+"""SAT configuration (Ma et al., "Sparsity-Accelerated Training for Large Language Models", Findings ACL 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from slimtune.config import Problem, _choice, _positive
+from slimtune.methods.base import MethodConfig
+
+METRICS = ("uniform", "magnitude", "wanda", "maxip")
+SELECTIONS = ("topk", "sampling")
+SCHEDULES = ("ladder", "constant", "linear", "custom")
+TARGETS = ("mlp", "attn")
+
+
+@dataclass
+class SATConfig(MethodConfig):
+    """Each training step omits the least important MLP channels and attention heads by slicing the weights."""
+
+    name: ClassVar[str] = "sat"
+    rate: float = 0.5
+    """Peak omission rate r_max: the fraction of MLP channels / query heads of every layer left out of a step."""
+    targets: list[str] = field(default_factory=lambda: ["mlp", "attn"])
+    """What is omitted: mlp (SwiGLU channels) and/or attn (query heads; GQA: k/v of a group kept while used)."""
+    metric: str = "wanda"
+    """Neuron importance: uniform | magnitude | wanda (|W|·||x||) | maxip (|<x, w>| summed over tokens)."""
+    selection: str = "sampling"
+    """topk (deterministic) or sampling without replacement with p ∝ (score + eps·mean)^(1/temperature)."""
+    temperature: float = 1.0
+    """Sharpness of sampling (lower = closer to top-k)."""
+    schedule: str = "ladder"
+    """Omission-rate schedule over training progress: ladder | constant | linear | custom (uses `rungs`)."""
+    sparse_frac: float = 0.5
+    """ladder: fraction of the steps at r_max."""
+    n_rungs: int = 1
+    """ladder: number of intermediate rungs between r_max and the dense phase."""
+    dense_frac: float = 0.2
+    """ladder: final fraction of the steps trained densely (rate 0)."""
+    rungs: list[list[float]] = field(default_factory=list)
+    """custom: [[progress, rate], ...] from progress 0, rates non-increasing, last rate 0."""
+    min_keep_mlp: int = 1
+    """Never keep fewer MLP channels than this."""
+    min_keep_heads: int = 1
+    """Never keep fewer query heads than this."""
+    optimizer_mask: str = "none"
+    """none (AdamW moves omitted rows by momentum/decay, as plain training would) or freeze_omitted (rows omitted
+    in every micro-batch of a step keep their values through that optimizer step)."""
+    lora_r: int = 0
+    """0: full-parameter training. > 0: LoRA of this rank on the attention and MLP linears (base frozen), with
+    the base and LoRA matrices sliced together."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator (update × lora_alpha / lora_r)."""
+    seed: int = 0
+    """Seed of the selection (each step, micro-batch, layer and module get their own generator)."""
+
+    def check(self) -> list[Problem]:
+        out = _positive(self, "temperature", "min_keep_mlp", "min_keep_heads")
+        out += _positive(self, "n_rungs", "lora_r", allow_zero=True)
+        out += _choice("metric", self.metric, METRICS)
+        out += _choice("selection", self.selection, SELECTIONS)
+        out += _choice("schedule", self.schedule, SCHEDULES)
+        out += _choice("optimizer_mask", self.optimizer_mask, ("none", "freeze_omitted"))
+        if not 0 <= self.rate < 1:
+            out.append(("rate", f"{self.rate!r} must be in [0, 1)"))
+        for t in self.targets:
+            out += _choice("targets", t, TARGETS)
+        if not self.targets:
+            out.append(("targets", "name at least one of mlp, attn"))
+        for k in ("sparse_frac", "dense_frac"):
+            if not 0 <= getattr(self, k) <= 1:
+                out.append((k, f"{getattr(self, k)!r} must be in [0, 1]"))
+        if self.sparse_frac + self.dense_frac > 1:
+            out.append(("dense_frac", "sparse_frac + dense_frac must be <= 1"))
+        if self.schedule == "custom":
+            from slimtune.methods.sat.schedule import OmissionSchedule
+
+            try:
+                OmissionSchedule.from_rungs(self.rungs)
+            except ValueError as e:
+                out.append(("rungs", str(e)))
+        return out
