@@ -25,6 +25,8 @@ CASES = [
         marks=pytest.mark.skipif(not BNB, reason="bitsandbytes 4-bit not usable here"),
     ),
     ("qst", "qst", {"r": 4, "dropout": 0.0, "backend": "torch"}, 3e-2, False),
+    ("sat", "sat", {"rate": 0.5, "schedule": "constant"}, 1e-3, True),
+    ("sat-lora", "sat", {"rate": 0.5, "schedule": "constant", "lora_r": 4, "selection": "topk"}, 5e-3, True),
 ]
 
 
@@ -123,6 +125,10 @@ class TestContract:
 
     def test_bad_config_raises_clear_error(self, case_id, name, kwargs, lr, mergeable):
         cls = METHODS[name].config_cls
+        if name == "sat":
+            with pytest.raises(ConfigError, match=r"rate: 1.5 must be in \[0, 1\)"):
+                cls(rate=1.5)
+            return
         bad = {"r": -1} if "r" in cls.__dataclass_fields__ else {"freeze_embeddings": None}
         if "r" in bad:
             with pytest.raises(ConfigError, match=r"r: -1 must be > 0"):

@@ -77,6 +77,7 @@ class Trainer:
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.mixed_precision)
+        adapted.total_steps = cfg.steps
         params = adapted.trainable_parameters()
         if not params:
             raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")

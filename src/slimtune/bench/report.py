@@ -51,6 +51,23 @@ def write_markdown(results: dict, path: Path) -> None:
             f"({c['speed_ceiling_with_head']:.2f}× counting the LM head's forward, "
             f"{c['nf4_forward_with_head_s']:.3f} s).",
         ]
+    for r in results["runs"]:
+        facts, ratio = (r.get("facts") or {}) if r.get("ok") else {}, results["ratios"].get(r["label"], {})
+        if "flop_speed_limit" in facts:
+            speed = ratio.get("speed")
+            measured = (
+                f"measured {speed:.2f}× vs {ratio['baseline']} = **{speed / facts['flop_speed_limit']:.0%} of the "
+                "limit**"
+                if speed
+                else "no baseline in this run"
+            )
+            lines += [
+                "",
+                f"{r['label']}: omission rate {facts['rate']:g} omits {facts['omitted_mlp']:.1%} of MLP channels "
+                f"and {facts['omitted_heads']:.1%} of query heads = {facts['removed_share']:.1%} of the step's "
+                f"FLOPs (omittable share {facts['omittable_share']:.1%}); FLOP-share speed limit "
+                f"**{facts['flop_speed_limit']:.2f}×**; {measured}.",
+            ]
     roles = sorted({k for r in results["runs"] if r.get("ok") for k in r.get("memory_by_role", {})})
     if roles:
         lines += [

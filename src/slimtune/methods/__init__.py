@@ -15,6 +15,7 @@ from slimtune.methods.lora import (
     apply_qlora,
 )
 from slimtune.methods.qst import QSTConfig, apply_qst
+from slimtune.methods.sat import SATConfig, apply_sat
 
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),
@@ -32,6 +33,13 @@ METHODS: dict[str, MethodSpec] = {
         apply_qst,
         "quantized",
         "quantized side tuning: 4-bit backbone run without autograd + a d/r-wide side network",
+    ),
+    "sat": MethodSpec(
+        "sat",
+        SATConfig,
+        apply_sat,
+        "full",
+        "sparsity-accelerated training: each step omits unimportant MLP channels / heads by slicing weights",
     ),
 }
 

@@ -59,6 +59,8 @@ class Adapted:
         self.extra_state: dict[str, Any] = {}
         # bytes a method moves host<->device; the method increments it, reports and bench read it
         self.traffic = TrafficCounter()
+        # optimizer steps the run will take (the trainer sets it; schedules read it); None = unknown
+        self.total_steps: int | None = None
 
     # ---- training surface
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -121,6 +123,10 @@ class Adapted:
     def merge(self) -> nn.Module:
         """A plain HF model with the method folded in (where the method allows it)."""
         raise NotImplementedError(f"method '{self.cfg.name}' cannot be merged into a plain model")
+
+    def bench_facts(self, seq_len: int) -> dict:
+        """Method-specific figures a benchmark reports next to its measurements (e.g. a FLOP-share limit)."""
+        return {}
 
     def memory_report(self) -> dict[str, int]:
         """Bytes by role: frozen weights, trainable, gradients, buffers (optimizer state is the trainer's)."""

@@ -1,0 +1,244 @@
+"""Applying SAT: every Llama-style MLP and attention module computes, in training mode, with the neurons the
+controller keeps for the current micro-batch; eval, generation and rate 0 run the module's own dense forward.
+
+The modules keep their parameters and names (state dicts, optimizers and checkpoints are those of plain
+training). The switch is an instance-level ``forward`` attribute set on each module (``remove_sat`` deletes it);
+nothing in transformers is modified.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from slimtune.errors import UserError
+from slimtune.methods.base import Adapted, TrainerHooks
+from slimtune.methods.sat.config import SATConfig
+from slimtune.methods.sat.ops import attention_forward, base_weight, mlp_forward, omitted_slices
+from slimtune.methods.sat.schedule import OmissionSchedule, from_config
+from slimtune.methods.sat.select import choose, head_scores, mlp_scores, n_kept
+
+KINDS = {"mlp": 0, "attn": 1}
+
+
+def _is_mlp(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return all(
+        hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups")
+    )
+
+
+class SATController:
+    """Holds the current omission rate and the kept sets of the current micro-batch (one per layer and kind)."""
+
+    def __init__(self, cfg: SATConfig, schedule: OmissionSchedule):
+        self.cfg, self.schedule = cfg, schedule
+        self.step, self.micro = 0, -1
+        self.rate = schedule.rate(0, None)
+        self.token_mask: torch.Tensor | None = None
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.forced: dict[tuple[int, str], torch.Tensor] = {}  # fixed kept sets (tests, analysis)
+        self.union: dict[tuple[int, str], torch.Tensor] = {}  # kept in any micro-batch of this step
+        self.kept_total = {"mlp": [0, 0], "attn": [0, 0]}  # [kept, available] this step
+
+    def start_step(self, step: int, total: int | None) -> None:
+        self.step, self.micro = step, -1
+        self.rate = self.schedule.rate(step, total)
+        self.union.clear()
+        self.kept_total = {"mlp": [0, 0], "attn": [0, 0]}
+
+    def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
+        """Called before every top-level training forward: a new micro-batch."""
+        self.micro += 1
+        self.cache.clear()
+        self.token_mask = attention_mask
+
+    def active(self, module: nn.Module, kind: str) -> bool:
+        return module.training and self.rate > 0 and kind in self.cfg.targets
+
+    def _generator(self, layer: int, kind: str) -> torch.Generator:
+        key = (((self.cfg.seed * 1_000_003 + self.step) * 10_007 + self.micro) * 1_009 + layer) * 2 + KINDS[
+            kind
+        ]
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
+    def kept(self, layer: int, kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The kept neurons of ``module`` for this micro-batch (the same on a checkpointed recomputation)."""
+        key = (layer, kind)
+        if key in self.cache:
+            return self.cache[key]
+        if key in self.forced:
+            idx = self.forced[key].to(x.device)
+            w = base_weight(module.gate_proj if kind == "mlp" else module.q_proj)
+            n = w.shape[0] if kind == "mlp" else w.shape[0] // module.head_dim
+        else:
+            score = mlp_scores if kind == "mlp" else head_scores
+            s = score(module, x, self.token_mask, self.cfg.metric)
+            n = s.numel()
+            floor = self.cfg.min_keep_mlp if kind == "mlp" else self.cfg.min_keep_heads
+            idx = choose(
+                s,
+                n_kept(n, self.rate, floor),
+                self.cfg.selection,
+                self._generator(*key),
+                self.cfg.temperature,
+            )
+        self.cache[key] = idx
+        mask = self.union.setdefault(key, torch.zeros(n, dtype=torch.bool, device=idx.device))
+        mask[idx] = True
+        self.kept_total[kind][0] += idx.numel()
+        self.kept_total[kind][1] += n
+        return idx
+
+
+def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
+    def forward(x):
+        if not ctrl.active(mlp, "mlp"):
+            return type(mlp).forward(mlp, x)
+        return mlp_forward(mlp, x, ctrl.kept(layer, "mlp", mlp, x))
+
+    mlp.forward = forward
+
+
+def _patch_attention(attn: nn.Module, layer: int, ctrl: SATController) -> None:
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        cached = past_key_values is not None and past_key_values.get_seq_length(attn.layer_idx) > 0
+        if cached or not ctrl.active(attn, "attn"):
+            return type(attn).forward(
+                attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+            )
+        kept = ctrl.kept(layer, "attn", attn, hidden_states)
+        return attention_forward(attn, hidden_states, position_embeddings, attention_mask, kept, **kwargs)
+
+    attn.forward = forward
+
+
+def sat_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """(layer index, kind, module) of every Llama-style MLP and attention module, in model order."""
+    out, counts = [], {"mlp": 0, "attn": 0}
+    for _, m in model.named_modules():
+        kind = "mlp" if _is_mlp(m) else "attn" if _is_attention(m) else None
+        if kind:
+            out.append((counts[kind], kind, m))
+            counts[kind] += 1
+    return out
+
+
+def remove_sat(model: nn.Module) -> nn.Module:
+    """Restore every patched module's own forward (and drop the top-level hook)."""
+    for _, _, m in sat_modules(model):
+        m.__dict__.pop("forward", None)
+    handle = getattr(model, "_sat_hook", None)
+    if handle is not None:
+        handle.remove()
+        del model._sat_hook
+    return model
+
+
+class SATAdapted(Adapted):
+    controller: SATController
+
+    def merge(self) -> nn.Module:
+        merged = remove_sat(copy.deepcopy(self.model))
+        if self.cfg.lora_r:
+            merged = merged.merge_and_unload()
+        return merged
+
+    def bench_facts(self, seq_len: int) -> dict:
+        from slimtune.methods.sat.stats import speed_limit
+
+        base = self.model.get_base_model() if self.cfg.lora_r else self.model
+        return speed_limit(base.config, seq_len, self.controller.rate, self.cfg.targets)
+
+    def kept_fractions(self) -> dict[str, float]:
+        return {k: (a / b if b else 1.0) for k, (a, b) in self.controller.kept_total.items()}
+
+
+def _freeze_hooks(adapted: SATAdapted, modules) -> None:
+    """optimizer_mask=freeze_omitted: rows omitted in every micro-batch of a step keep their values through the
+    optimizer step (their Adam moments still decay as for any zero-gradient step)."""
+    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+    ctrl = adapted.controller
+
+    def after_backward(step, a):
+        saved.clear()
+        if ctrl.rate == 0:
+            return
+        for layer, kind, m in modules:
+            union = ctrl.union.get((layer, kind))
+            if union is None:
+                continue
+            omitted = (~union).nonzero().flatten()
+            kv_omitted = None
+            if kind == "attn":
+                groups = m.num_key_value_groups
+                kv_used = union.view(-1, groups).any(1)
+                kv_omitted = (~kv_used).nonzero().flatten()
+            for p, dim, idx in omitted_slices(m, kind, omitted, kv_omitted):
+                saved.append((p, dim, idx, p.detach().index_select(dim, idx).clone()))
+
+    def restore():
+        with torch.no_grad():
+            for p, dim, idx, value in saved:
+                p.index_copy_(dim, idx, value)
+        saved.clear()
+
+    adapted.hooks.after_backward = after_backward
+    adapted.optimizer_step = restore
+
+
+def apply_sat(model: nn.Module, cfg: SATConfig) -> Adapted:
+    modules = sat_modules(model)
+    if not any(k == "mlp" for _, k, _ in modules) or not any(k == "attn" for _, k, _ in modules):
+        raise UserError(
+            f"method sat: {type(model).__name__} has no Llama-style MLP (gate/up/down_proj) and attention "
+            "(q/k/v/o_proj) modules to slice"
+        )
+    if cfg.lora_r:
+        from slimtune.methods.lora import LoraMethodConfig, _peft_lora
+
+        lcfg = LoraMethodConfig(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
+        model = _peft_lora(model, lcfg)
+        modules = sat_modules(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    ctrl = SATController(cfg, from_config(cfg))
+    for layer, kind, m in modules:
+        (_patch_mlp if kind == "mlp" else _patch_attention)(m, layer, ctrl)
+
+    def pre_forward(module, args, kwargs):
+        if module.training:
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            ctrl.begin_forward(mask)
+
+    model._sat_hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
+
+    adapted = SATAdapted(model, cfg, TrainerHooks())
+    adapted.controller = ctrl
+
+    def on_step_start(step, a):
+        ctrl.start_step(step, a.total_steps)
+        a.extra_state["omission_rate"] = ctrl.rate
+
+    def on_step_end(step, a):
+        for kind, frac in a.kept_fractions().items():
+            a.extra_state[f"kept_{kind}"] = round(frac, 4)
+
+    adapted.hooks.on_step_start = on_step_start
+    adapted.hooks.on_step_end = on_step_end
+    adapted.extra_state["omission_rate"] = ctrl.rate
+    adapted.extra_state["schedule"] = [list(r) for r in ctrl.schedule.rungs]
+    if cfg.optimizer_mask == "freeze_omitted":
+        _freeze_hooks(adapted, modules)
+    return adapted

@@ -1,0 +1,172 @@
+"""Sliced sub-layers: the MLP and attention of a Llama-family decoder layer computed with the kept neurons only.
+
+MLP (SwiGLU), kept channels K ⊂ {0..f-1}:
+
+    y = W_down[:, K] (silu(W_gate[K] x) * (W_up[K] x))           three GEMMs of width |K| instead of f
+
+Attention, kept query heads H_K (grouped-query attention: KV group of head h is h // G): q/o use the kept heads'
+rows/columns; k/v are computed for the KV groups that still have a kept head and expanded to one K/V per kept
+query head, then the model's own attention function runs with group size 1.
+
+Omitting a neuron removes exactly its term, so the output equals the dense output with that neuron's activation
+zeroed, and autograd's backward of the row/column gather (an index-add into zeros) gives omitted rows exactly zero
+gradient. Parameters keep their full shapes; nothing is rescaled. Works for plain ``nn.Linear`` and for peft LoRA
+layers (the LoRA factors are sliced with their base: ``B[K]`` for output rows, ``A[:, K]`` for input columns).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _lora_parts(layer: nn.Module):
+    """(base linear, [(A, B, scale, dropout)]) for a peft LoRA layer, or (layer, []) for a plain linear."""
+    base = getattr(layer, "base_layer", None)
+    if base is None:
+        return layer, []
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return base, []
+    parts = []
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            parts.append(
+                (
+                    layer.lora_A[name].weight,
+                    layer.lora_B[name].weight,
+                    layer.scaling[name],
+                    layer.lora_dropout[name],
+                )
+            )
+    return base, parts
+
+
+def sliced_linear(
+    x: torch.Tensor, layer: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``layer(x)`` restricted to output ``rows`` and input ``cols`` (``x`` already has only ``cols`` features)."""
+    base, loras = _lora_parts(layer)
+    w, b = base.weight, base.bias
+    if rows is not None:
+        w = w.index_select(0, rows)
+        b = b.index_select(0, rows) if b is not None else None
+    if cols is not None:
+        w = w.index_select(1, cols)
+    y = F.linear(x, w, b)
+    for a_w, b_w, scale, dropout in loras:
+        if cols is not None:
+            a_w = a_w.index_select(1, cols)
+        if rows is not None:
+            b_w = b_w.index_select(0, rows)
+        y = y + F.linear(F.linear(dropout(x), a_w), b_w) * scale
+    return y
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    return _lora_parts(layer)[0].weight
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of the given heads in a [heads * head_dim, ...] projection."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    gate = sliced_linear(x, mlp.gate_proj, rows=kept)
+    up = sliced_linear(x, mlp.up_proj, rows=kept)
+    return sliced_linear(mlp.act_fn(gate) * up, mlp.down_proj, cols=kept)
+
+
+class _OneGroupView:
+    """The attention module as seen by its attention function after K/V were expanded per kept query head."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _model_namespace(module: nn.Module):
+    return sys.modules[type(module).__module__]
+
+
+def attention_forward(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    kept: torch.Tensor,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Llama-family attention over the kept query heads ``kept`` (sorted); returns (output, None)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ns = _model_namespace(attn)
+    hd, groups = attn.head_dim, attn.num_key_value_groups
+    shape = (*hidden_states.shape[:-1], -1, hd)
+    kv_used = torch.unique(kept // groups)  # sorted
+    q = sliced_linear(hidden_states, attn.q_proj, rows=head_rows(kept, hd)).view(shape).transpose(1, 2)
+    kv_rows = head_rows(kv_used, hd)
+    k = sliced_linear(hidden_states, attn.k_proj, rows=kv_rows).view(shape).transpose(1, 2)
+    v = sliced_linear(hidden_states, attn.v_proj, rows=kv_rows).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = ns.apply_rotary_pos_emb(q, k, cos, sin)
+    if groups > 1:  # one K/V per kept query head (what repeat_kv does for all heads in the dense path)
+        pos = torch.searchsorted(kv_used, kept // groups)
+        k, v = k.index_select(1, pos), v.index_select(1, pos)
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, ns.eager_attention_forward)
+    kwargs.pop("past_key_values", None)
+    out, _ = fn(
+        _OneGroupView(attn),
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=attn.attention_dropout if attn.training else 0.0,
+        scaling=attn.scaling,
+        **kwargs,
+    )
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return sliced_linear(out, attn.o_proj, cols=head_rows(kept, hd)), None
+
+
+def omitted_slices(
+    module: nn.Module, kind: str, omitted: torch.Tensor, kv_omitted: torch.Tensor | None = None
+):
+    """[(param, dim, index)] of the trainable tensors that omitting ``omitted`` neurons leaves without gradient."""
+    out = []
+
+    def add(layer, rows=None, cols=None):
+        base, loras = _lora_parts(layer)
+        if not loras:
+            if rows is not None:
+                out.append((base.weight, 0, rows))
+                if base.bias is not None:
+                    out.append((base.bias, 0, rows))
+            if cols is not None:
+                out.append((base.weight, 1, cols))
+            return
+        for a_w, b_w, _, _ in loras:
+            if rows is not None:
+                out.append((b_w, 0, rows))
+            if cols is not None:
+                out.append((a_w, 1, cols))
+
+    if kind == "mlp":
+        add(module.gate_proj, rows=omitted)
+        add(module.up_proj, rows=omitted)
+        add(module.down_proj, cols=omitted)
+    else:
+        hd = module.head_dim
+        add(module.q_proj, rows=head_rows(omitted, hd))
+        add(module.o_proj, cols=head_rows(omitted, hd))
+        if kv_omitted is not None and len(kv_omitted):
+            add(module.k_proj, rows=head_rows(kv_omitted, hd))
+            add(module.v_proj, rows=head_rows(kv_omitted, hd))
+    return [(p, d, i) for p, d, i in out if p.requires_grad]

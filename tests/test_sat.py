@@ -1,0 +1,331 @@
+"""SAT (sparsity-accelerated training): the acceptance checks of specs/sat.md §6.4 / §8 on a tiny Llama
+(hidden 64, FFN 128, 4 query heads in 2 KV groups, 2 layers)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimtune.errors import ConfigError
+from slimtune.methods import apply, make_config
+from slimtune.methods.sat import OmissionSchedule, remove_sat, sat_modules
+from slimtune.methods.sat.select import choose, n_kept
+from slimtune.models import tiny_llama
+
+
+def make(**kw):
+    kw = {"schedule": "constant", **kw}
+    return apply(tiny_llama(seed=0), make_config("sat", **kw))
+
+
+def padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding in the second row
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def fwd_bwd(model, data):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**data)
+    out.loss.backward()
+    return out
+
+
+# 1. rate 0 is bit-identical to the unpatched model; all-kept slicing equals dense
+def test_rate_zero_is_bit_identical_to_unpatched_model():
+    ref = tiny_llama(seed=0)
+    a = make(rate=0.0)
+    data = padded_batch()
+    o_ref, o_sat = fwd_bwd(ref, data), fwd_bwd(a.model, data)
+    assert torch.equal(o_ref.logits, o_sat.logits) and torch.equal(o_ref.loss, o_sat.loss)
+    g_ref, g_sat = grads(ref), grads(a.model)
+    assert g_ref.keys() == g_sat.keys() and len(g_ref) > 0
+    assert all(torch.equal(g_ref[n], g_sat[n]) for n in g_ref)
+
+
+def test_sliced_path_with_every_neuron_kept_matches_dense():
+    ref = tiny_llama(seed=0)
+    a = make(rate=0.5)
+    for layer, kind, _ in sat_modules(a.model):
+        a.controller.forced[(layer, kind)] = torch.arange(128 if kind == "mlp" else 4)
+    data = padded_batch()
+    o_ref, o_sat = fwd_bwd(ref, data), fwd_bwd(a.model, data)
+    torch.testing.assert_close(o_sat.logits, o_ref.logits, atol=1e-6, rtol=0)
+    g_ref, g_sat = grads(ref), grads(a.model)
+    for n in g_ref:
+        torch.testing.assert_close(g_sat[n], g_ref[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+# 2 + 4. fixed kept sets: equal to a dense model with the omitted activations zeroed; omitted get exactly 0 grad
+KEPT_MLP = torch.tensor([0, 3, 5, 17, 40, 64, 99, 127])
+KEPT_HEADS = torch.tensor([0, 1])  # both heads of KV group 0: group 1's k/v rows are unused
+
+
+def masked_reference():
+    """Dense tiny Llama whose omitted MLP channels and head outputs are zeroed before down_proj / o_proj."""
+    ref = tiny_llama(seed=0)
+    mlp_mask = torch.zeros(128)
+    mlp_mask[KEPT_MLP] = 1
+    head_mask = torch.zeros(4, 1)
+    head_mask[KEPT_HEADS] = 1
+    for layer in ref.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * mlp_mask,))
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a: ((a[0].unflatten(-1, (4, 16)) * head_mask).flatten(-2),)
+        )
+    return ref
+
+
+def forced_sat():
+    a = make(rate=0.5)
+    for layer in range(2):
+        a.controller.forced[(layer, "mlp")] = KEPT_MLP
+        a.controller.forced[(layer, "attn")] = KEPT_HEADS
+    return a
+
+
+def test_kept_neurons_match_masked_dense_reference_and_omitted_get_zero_gradient():
+    ref, a = masked_reference(), forced_sat()
+    data = padded_batch()
+    o_ref, o_sat = fwd_bwd(ref, data), fwd_bwd(a.model, data)
+    torch.testing.assert_close(o_sat.logits, o_ref.logits, atol=1e-5, rtol=1e-5)
+    g_ref = grads(ref)
+    omitted_mlp = torch.ones(128, dtype=torch.bool)
+    omitted_mlp[KEPT_MLP] = False
+    for i, layer in enumerate(a.model.model.layers):
+        mlp, attn = layer.mlp, layer.self_attn
+        for name, g in grads(layer).items():
+            torch.testing.assert_close(g, g_ref[f"model.layers.{i}.{name}"], atol=1e-5, rtol=1e-4, msg=name)
+        assert mlp.gate_proj.weight.grad[omitted_mlp].abs().max() == 0
+        assert mlp.up_proj.weight.grad[omitted_mlp].abs().max() == 0
+        assert mlp.down_proj.weight.grad[:, omitted_mlp].abs().max() == 0
+        assert mlp.gate_proj.weight.grad[KEPT_MLP].abs().sum(1).min() > 0
+        assert attn.q_proj.weight.grad[32:].abs().max() == 0  # heads 2, 3
+        assert attn.o_proj.weight.grad[:, 32:].abs().max() == 0
+        assert attn.k_proj.weight.grad[16:].abs().max() == 0  # KV group 1
+        assert attn.v_proj.weight.grad[16:].abs().max() == 0
+        assert attn.q_proj.weight.grad[:32].abs().sum(1).min() > 0
+        assert attn.k_proj.weight.grad[:16].abs().sum(1).min() > 0
+
+
+# 4. compute really drops: FLOPs fall by exactly the omitted GEMM work
+def count_flops(model, data):
+    with FlopCounterMode(display=False) as fc:
+        fwd_bwd(model, data)
+    return fc.get_total_flops()
+
+
+def test_flops_fall_by_the_omitted_share():
+    data = padded_batch()
+    n_tok, d, f, hd, layers = data["input_ids"].numel(), 64, 128, 16, 2
+    dense = count_flops(tiny_llama(seed=0), data)
+    # every GEMM is counted forward + input-gradient + weight-gradient = 3 x 2 N d_in d_out
+    gemm = lambda d_in, d_out: 3 * 2 * n_tok * d_in * d_out  # noqa: E731
+    a = make(rate=0.5, metric="wanda", selection="sampling")
+    sparse = count_flops(a.model, data)
+    saved = 0
+    for (_layer, kind), kept in a.controller.cache.items():
+        if kind == "mlp":
+            saved += 3 * gemm(d, f - kept.numel())
+        else:
+            kv_kept = torch.unique(kept // 2).numel()
+            saved += 2 * gemm(d, (4 - kept.numel()) * hd) + 2 * gemm(d, (2 - kv_kept) * hd)
+    assert len(a.controller.cache) == 2 * layers
+    assert sparse == dense - saved
+    mlp_share = layers * 3 * gemm(d, f) / dense
+    assert saved / dense >= 0.5 * mlp_share  # at least half the MLP work is gone at rate 0.5
+
+
+# 5. importance and selection
+def test_selection_counts_uniqueness_determinism_and_score_preference():
+    assert [n_kept(9, r, 1) for r in (0.0, 0.25, 0.5, 0.9, 0.99)] == [9, 7, 5, 1, 1]
+    assert n_kept(1536, 0.5, 1) == 768
+    scores = torch.linspace(0.01, 1.0, 50)
+    counts = torch.zeros(50)
+    for s in range(300):
+        idx = choose(scores, 10, "sampling", torch.Generator().manual_seed(s))
+        assert idx.numel() == 10 and torch.equal(idx, idx.unique()) and torch.equal(idx, idx.sort().values)
+        counts[idx] += 1
+    again = choose(scores, 10, "sampling", torch.Generator().manual_seed(7))
+    assert torch.equal(again, choose(scores, 10, "sampling", torch.Generator().manual_seed(7)))
+    assert counts[40:].sum() > 3 * counts[:10].sum() and counts[:10].sum() > 0  # likelier, yet never starved
+    top = choose(scores, 10, "topk", torch.Generator())
+    assert torch.equal(top, torch.arange(40, 50))
+
+
+@pytest.mark.parametrize("metric", ["uniform", "magnitude", "wanda", "maxip"])
+def test_every_metric_runs_and_selection_changes_across_micro_batches(metric):
+    a = make(rate=0.5, metric=metric)
+    seen = []
+    for seed in range(3):
+        fwd_bwd(a.model, padded_batch(seed))
+        seen.append(a.controller.cache[(0, "mlp")].clone())
+    assert all(s.numel() == 64 for s in seen)
+    assert not all(torch.equal(seen[0], s) for s in seen[1:])
+
+
+def test_wanda_scores_ignore_padding_tokens():
+    from slimtune.methods.sat.select import mlp_scores
+
+    mlp = tiny_llama(seed=0).model.layers[0].mlp
+    x = torch.randn(2, 6, 64)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    garbage = x.clone()
+    garbage[1, 3:] = 1e3  # padding positions must not matter
+    torch.testing.assert_close(mlp_scores(mlp, x, mask, "wanda"), mlp_scores(mlp, garbage, mask, "wanda"))
+    assert not torch.allclose(mlp_scores(mlp, x, None, "wanda"), mlp_scores(mlp, garbage, None, "wanda"))
+
+
+# 6. the ladder
+def test_ladder_schedule_values_at_and_around_breakpoints():
+    s = OmissionSchedule.ladder(0.5, sparse_frac=0.5, n_rungs=1, dense_frac=0.2)
+    assert s.rungs == ((0.0, 0.5), (0.5, 0.25), (0.8, 0.0))
+    n = 100
+    rates = [s.rate(t, n) for t in range(n)]
+    assert rates[0] == rates[49] == 0.5 and rates[50] == rates[79] == 0.25 and rates[80] == rates[99] == 0.0
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert s.rate(5, None) == 0.5  # unknown length (benchmarks): held at the first rung
+    three = OmissionSchedule.ladder(0.6, 0.4, 3, 0.1)
+    assert [r for _, r in three.rungs] == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])
+    assert three.expected_compute(1.0) == pytest.approx(0.4 * 0.4 + 0.5 / 3 * (0.55 + 0.7 + 0.85) + 0.1)
+    with pytest.raises(ValueError, match="must not increase"):
+        OmissionSchedule.from_rungs([[0, 0.2], [0.5, 0.4]])
+    with pytest.raises(ConfigError, match="rungs: the first rung must start at progress 0"):
+        make_config("sat", schedule="custom", rungs=[[0.1, 0.5]])
+
+
+def test_trainer_hooks_follow_the_ladder_and_the_last_phase_is_dense():
+    a = apply(tiny_llama(seed=0), make_config("sat", rate=0.5))  # ladder 0.5 / 0.25 / 0
+    a.total_steps = 10
+    seen = []
+    for step in range(10):
+        a.hooks.call("on_step_start", step, a)
+        out = fwd_bwd(a.model, padded_batch(step))
+        seen.append((a.extra_state["omission_rate"], len(a.controller.cache)))
+        assert out.loss.isfinite()
+    assert [r for r, _ in seen] == [0.5] * 5 + [0.25] * 3 + [0.0] * 2
+    assert all(c == 4 for _, c in seen[:8]) and all(c == 0 for _, c in seen[8:])  # dense: no selection at all
+
+
+# 8. eval dense, removal, state dict unchanged
+def test_eval_is_dense_removal_restores_and_state_dict_is_unchanged():
+    ref = tiny_llama(seed=0).eval()
+    a = make(rate=0.5)
+    data = padded_batch()
+    assert torch.equal(a.model.eval()(**data).logits, ref(**data).logits)
+    assert {k: v.shape for k, v in a.model.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
+    remove_sat(a.model)
+    assert all("forward" not in m.__dict__ for m in a.model.modules())
+    assert torch.equal(fwd_bwd(a.model, data).logits, fwd_bwd(tiny_llama(seed=0), data).logits)
+
+
+# gradient accumulation and activation checkpointing
+def test_accumulated_micro_batches_select_independently():
+    a = make(rate=0.5, metric="uniform")
+    a.controller.start_step(0, None)
+    kept = []
+    for seed in range(2):
+        a.model.train()(**padded_batch(seed)).loss.backward()
+        kept.append(a.controller.cache[(1, "mlp")].clone())
+    union = a.controller.union[(1, "mlp")]
+    assert not torch.equal(kept[0], kept[1]) and int(union.sum()) > 64
+    g = a.model.model.layers[1].mlp.gate_proj.weight.grad
+    assert torch.equal(g.abs().sum(1) > 0, union)  # exactly the rows kept in some micro-batch have gradient
+
+
+def test_gradient_checkpointing_recomputes_with_the_same_kept_sets():
+    data = padded_batch()
+    plain = make(rate=0.5)
+    fwd_bwd(plain.model, data)
+    ckpt = make(rate=0.5)
+    ckpt.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fwd_bwd(ckpt.model, data)
+    for key, kept in plain.controller.cache.items():
+        assert torch.equal(kept, ckpt.controller.cache[key])
+    g1, g2 = grads(plain.model), grads(ckpt.model)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_freeze_omitted_keeps_omitted_rows_through_adamw():
+    def run(mask):
+        a = make(rate=0.5, metric="uniform", optimizer_mask=mask)
+        opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(2):
+            a.hooks.call("on_step_start", step, a)
+            before = a.model.model.layers[0].mlp.gate_proj.weight.detach().clone()
+            fwd_bwd(a.model, padded_batch(step))
+            a.hooks.call("after_backward", step, a)
+            opt.step()
+            if a.optimizer_step is not None:
+                a.optimizer_step()
+        omitted = ~a.controller.union[(0, "mlp")]
+        after = a.model.model.layers[0].mlp.gate_proj.weight.detach()
+        return torch.equal(after[omitted], before[omitted]), torch.equal(after[~omitted], before[~omitted])
+
+    assert run("freeze_omitted") == (True, False)
+    assert run("none") == (False, False)  # plain AdamW moves zero-gradient rows (momentum and decay)
+
+
+def test_sat_lora_slices_the_lora_factors_too():
+    a = make(rate=0.5, lora_r=4)
+    fwd_bwd(a.model, padded_batch())
+    trainable = [n for n, p in a.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    (layer0_mlp_key,) = [k for k in a.controller.cache if k == (0, "mlp")]
+    kept = a.controller.cache[layer0_mlp_key]
+    omitted = torch.ones(128, dtype=torch.bool)
+    omitted[kept] = False
+    mlp = a.model.base_model.model.model.layers[0].mlp
+    a.model.zero_grad()
+    with torch.no_grad():  # make B non-zero so A receives gradient
+        for m in (mlp.gate_proj, mlp.down_proj):
+            m.lora_B["default"].weight.normal_()
+    a.controller.forced[(0, "mlp")] = kept
+    fwd_bwd(a.model, padded_batch())
+    assert mlp.gate_proj.lora_B["default"].weight.grad[omitted].abs().max() == 0
+    assert mlp.down_proj.lora_A["default"].weight.grad[:, omitted].abs().max() == 0
+    assert mlp.gate_proj.lora_B["default"].weight.grad[kept].abs().sum() > 0
+
+
+def test_bad_sat_configs_are_reported_by_key():
+    with pytest.raises(ConfigError) as e:
+        make_config("sat", rate=1.0, metric="random", targets=["ffn"], sparse_frac=0.9, dense_frac=0.2)
+    msg = str(e.value)
+    for key in ("rate", "metric", "targets", "dense_frac"):
+        assert key in msg
+
+
+def test_flop_shares_reproduce_the_spec_table_and_limits():
+    from transformers import LlamaConfig
+
+    from slimtune.methods.sat.stats import flop_shares, speed_limit
+
+    smol = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+        num_hidden_layers=30, vocab_size=49152, head_dim=64,
+    )  # fmt: skip
+    shares = flop_shares(smol, 256)
+    expected = {"mlp": 55.6, "q_o": 13.9, "k_v": 4.6, "attn_scores": 6.2, "lm_head": 19.8}
+    assert {k: round(100 * v, 1) for k, v in shares.items()} == expected
+    llama7b = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+        num_hidden_layers=32, vocab_size=32000,
+    )  # fmt: skip
+    big = {k: round(100 * v, 1) for k, v in flop_shares(llama7b, 4096).items()}
+    assert big == {"mlp": 56.4, "q_o": 14.0, "k_v": 14.0, "attn_scores": 14.0, "lm_head": 1.7}
+    assert speed_limit(smol, 256, 0.5, ["mlp"])["flop_speed_limit"] == pytest.approx(1.385, abs=1e-3)
+    both = speed_limit(smol, 256, 0.5, ["mlp", "attn"])  # 4 of 9 heads: 44% of the heads, not 50%
+    assert both["omitted_heads"] == pytest.approx(4 / 9) and both["flop_speed_limit"] == pytest.approx(
+        1.58, abs=5e-3
+    )
