@@ -160,9 +160,10 @@ def test_selection_counts_uniqueness_determinism_and_score_preference():
     assert torch.equal(top, torch.arange(40, 50))
 
 
-@pytest.mark.parametrize("metric", ["uniform", "magnitude", "wanda", "maxip"])
+@pytest.mark.parametrize("metric", ["uniform", "magnitude", "wanda", "maxip", "activation"])
 def test_every_metric_runs_and_selection_changes_across_micro_batches(metric):
-    a = make(rate=0.5, metric=metric)
+    # input-agnostic scores (uniform, magnitude) vary only through sampling; the others through the data too
+    a = make(rate=0.5, metric=metric, selection="sampling" if metric in ("uniform", "magnitude") else "topk")
     seen = []
     for seed in range(3):
         fwd_bwd(a.model, padded_batch(seed))
@@ -231,7 +232,7 @@ def test_eval_is_dense_removal_restores_and_state_dict_is_unchanged():
 
 # gradient accumulation and activation checkpointing
 def test_accumulated_micro_batches_select_independently():
-    a = make(rate=0.5, metric="uniform")
+    a = make(rate=0.5, metric="uniform", selection="sampling")
     a.controller.start_step(0, None)
     kept = []
     for seed in range(2):
@@ -243,11 +244,12 @@ def test_accumulated_micro_batches_select_independently():
     assert torch.equal(g.abs().sum(1) > 0, union)  # exactly the rows kept in some micro-batch have gradient
 
 
-def test_gradient_checkpointing_recomputes_with_the_same_kept_sets():
+@pytest.mark.parametrize("kw", [{}, {"metric": "wanda", "selection": "sampling"}])
+def test_gradient_checkpointing_recomputes_with_the_same_kept_sets(kw):
     data = padded_batch()
-    plain = make(rate=0.5)
+    plain = make(rate=0.5, **kw)
     fwd_bwd(plain.model, data)
-    ckpt = make(rate=0.5)
+    ckpt = make(rate=0.5, **kw)
     ckpt.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fwd_bwd(ckpt.model, data)
     for key, kept in plain.controller.cache.items():
@@ -259,7 +261,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_kept_sets():
 
 def test_freeze_omitted_keeps_omitted_rows_through_adamw():
     def run(mask):
-        a = make(rate=0.5, metric="uniform", optimizer_mask=mask)
+        a = make(rate=0.5, metric="uniform", selection="sampling", optimizer_mask=mask)
         opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-2, weight_decay=0.1)
         for step in range(2):
             a.hooks.call("on_step_start", step, a)
@@ -329,3 +331,29 @@ def test_flop_shares_reproduce_the_spec_table_and_limits():
     assert both["omitted_heads"] == pytest.approx(4 / 9) and both["flop_speed_limit"] == pytest.approx(
         1.58, abs=5e-3
     )
+
+
+def test_activation_metric_reuses_dense_values_with_exact_gradients():
+    data = padded_batch()
+    a = make(rate=0.5, metric="activation", selection="topk")
+    out_a = fwd_bwd(a.model, data)
+    b = make(rate=0.5, metric="activation", selection="topk")
+    b.controller.forced = dict(a.controller.cache)  # same kept sets, computed by plain slicing (no reuse)
+    out_b = fwd_bwd(b.model, data)
+    torch.testing.assert_close(out_a.logits, out_b.logits, atol=1e-6, rtol=1e-6)
+    ga, gb = grads(a.model), grads(b.model)
+    for n in gb:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-6, rtol=1e-5, msg=n)
+    # the oracle keeps the channels with the largest summed |silu(g) * u| on the batch's real tokens
+    ref = tiny_llama(seed=0)
+    mlp, seen = ref.model.layers[0].mlp, []
+    mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    ref(**data)
+    with torch.no_grad():
+        act = (mlp.act_fn(mlp.gate_proj(seen[0])) * mlp.up_proj(seen[0]))[data["attention_mask"].bool()]
+    act = act.abs().sum(0)
+    c = make(
+        rate=0.5, metric="activation", selection="topk", targets=["mlp"]
+    )  # dense attention: same MLP input
+    fwd_bwd(c.model, data)
+    assert torch.equal(c.controller.cache[(0, "mlp")], act.topk(64).indices.sort().values)

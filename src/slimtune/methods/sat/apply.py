@@ -16,9 +16,16 @@ from torch import nn
 from slimtune.errors import UserError
 from slimtune.methods.base import Adapted, TrainerHooks
 from slimtune.methods.sat.config import SATConfig
-from slimtune.methods.sat.ops import attention_forward, base_weight, mlp_forward, omitted_slices
+from slimtune.methods.sat.ops import (
+    attend,
+    attention_forward,
+    base_weight,
+    mlp_forward,
+    omitted_slices,
+    sliced_linear,
+)
 from slimtune.methods.sat.schedule import OmissionSchedule, from_config
-from slimtune.methods.sat.select import choose, head_scores, mlp_scores, n_kept
+from slimtune.methods.sat.select import activation_scores, choose, head_scores, mlp_scores, n_kept
 
 KINDS = {"mlp": 0, "attn": 1}
 
@@ -67,8 +74,15 @@ class SATController:
         ]
         return torch.Generator().manual_seed(key % (2**63 - 1))
 
-    def kept(self, layer: int, kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The kept neurons of ``module`` for this micro-batch (the same on a checkpointed recomputation)."""
+    def needs_scores(self, layer: int, kind: str) -> bool:
+        """Whether ``kept`` will score this module now (not cached for this micro-batch, not forced)."""
+        return (layer, kind) not in self.cache and (layer, kind) not in self.forced
+
+    def kept(
+        self, layer: int, kind: str, module: nn.Module, x: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The kept neurons of ``module`` for this micro-batch (the same on a checkpointed recomputation).
+        ``scores``: importance already computed by the caller (the ``activation`` metric)."""
         key = (layer, kind)
         if key in self.cache:
             return self.cache[key]
@@ -77,8 +91,11 @@ class SATController:
             w = base_weight(module.gate_proj if kind == "mlp" else module.q_proj)
             n = w.shape[0] if kind == "mlp" else w.shape[0] // module.head_dim
         else:
-            score = mlp_scores if kind == "mlp" else head_scores
-            s = score(module, x, self.token_mask, self.cfg.metric)
+            if scores is None:
+                scores = (mlp_scores if kind == "mlp" else head_scores)(
+                    module, x, self.token_mask, self.cfg.metric
+                )
+            s = scores
             n = s.numel()
             floor = self.cfg.min_keep_mlp if kind == "mlp" else self.cfg.min_keep_heads
             idx = choose(
@@ -100,7 +117,15 @@ def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
     def forward(x):
         if not ctrl.active(mlp, "mlp"):
             return type(mlp).forward(mlp, x)
-        return mlp_forward(mlp, x, ctrl.kept(layer, "mlp", mlp, x))
+        known = scores = None
+        reuse = ctrl.cfg.metric == "activation"
+        if reuse and ctrl.needs_scores(layer, "mlp"):
+            with (
+                torch.no_grad()
+            ):  # dense pre-activations: they score the channels and are reused for the kept
+                known = (sliced_linear(x, mlp.gate_proj), sliced_linear(x, mlp.up_proj))
+                scores = activation_scores(mlp.act_fn(known[0]) * known[1], ctrl.token_mask)
+        return mlp_forward(mlp, x, ctrl.kept(layer, "mlp", mlp, x, scores), known, reuse)
 
     mlp.forward = forward
 
@@ -112,7 +137,17 @@ def _patch_attention(attn: nn.Module, layer: int, ctrl: SATController) -> None:
             return type(attn).forward(
                 attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
             )
-        kept = ctrl.kept(layer, "attn", attn, hidden_states)
+        scores = None
+        if ctrl.cfg.metric == "activation" and ctrl.needs_scores(layer, "attn"):
+            with torch.no_grad():  # every head's output norm from a dense no-grad attention pass
+                every = torch.arange(
+                    attn.q_proj.weight.shape[0] // attn.head_dim, device=hidden_states.device
+                )
+                out = attend(attn, hidden_states, position_embeddings, attention_mask, every, **kwargs)
+                scores = activation_scores(
+                    out.unflatten(-1, (len(every), attn.head_dim)).norm(dim=-1), ctrl.token_mask
+                )
+        kept = ctrl.kept(layer, "attn", attn, hidden_states, scores)
         return attention_forward(attn, hidden_states, position_embeddings, attention_mask, kept, **kwargs)
 
     attn.forward = forward

@@ -74,9 +74,52 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
-def mlp_forward(mlp: nn.Module, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    gate = sliced_linear(x, mlp.gate_proj, rows=kept)
-    up = sliced_linear(x, mlp.up_proj, rows=kept)
+class _KnownRows(torch.autograd.Function):
+    """y = x W[rows]ᵀ (+ b[rows]) whose value is already known (from the no-grad dense pass that scored the
+    neurons): forward returns it, backward is the linear's: dx = dy W[rows], dW[rows] = dyᵀ x, db[rows] = Σ dy."""
+
+    @staticmethod
+    def forward(ctx, known, x, weight, bias, rows):
+        ctx.save_for_backward(x, weight, rows)
+        ctx.has_bias = bias is not None
+        return known
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rows = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[1]:
+            dx = dy @ weight.index_select(0, rows)
+        flat_dy, flat_x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            dw = torch.zeros_like(weight).index_add_(0, rows, (flat_dy.t() @ flat_x).to(weight.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = torch.zeros(weight.shape[0], dtype=dy.dtype, device=dy.device).index_add_(
+                0, rows, flat_dy.sum(0)
+            )
+        return None, dx, dw, db, None
+
+
+def _rows_of(x, layer, rows, known, reuse):
+    if reuse and getattr(layer, "base_layer", None) is None:  # a plain linear: reuse known values
+        with torch.no_grad():  # (a checkpointed recomputation has no dense pass; its values are recomputed)
+            values = known.index_select(-1, rows) if known is not None else sliced_linear(x, layer, rows=rows)
+        return _KnownRows.apply(values, x, layer.weight, layer.bias, rows)
+    return sliced_linear(x, layer, rows=rows)
+
+
+def mlp_forward(
+    mlp: nn.Module,
+    x: torch.Tensor,
+    kept: torch.Tensor,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reuse: bool = False,
+) -> torch.Tensor:
+    """The MLP on the kept channels. ``known``: the dense gate and up outputs already computed without grad;
+    ``reuse``: take gate/up values from ``known`` (the same autograd path either way, so a checkpointed
+    recomputation saves the same tensors as the first forward)."""
+    gate = _rows_of(x, mlp.gate_proj, kept, known[0] if known else None, reuse)
+    up = _rows_of(x, mlp.up_proj, kept, known[1] if known else None, reuse)
     return sliced_linear(mlp.act_fn(gate) * up, mlp.down_proj, cols=kept)
 
 
@@ -96,15 +139,15 @@ def _model_namespace(module: nn.Module):
     return sys.modules[type(module).__module__]
 
 
-def attention_forward(
+def attend(
     attn: nn.Module,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
     kept: torch.Tensor,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Llama-family attention over the kept query heads ``kept`` (sorted); returns (output, None)."""
+) -> torch.Tensor:
+    """The kept query heads' attention outputs before ``o_proj``: [batch, tokens, len(kept) * head_dim]."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     ns = _model_namespace(attn)
@@ -132,8 +175,13 @@ def attention_forward(
         scaling=attn.scaling,
         **kwargs,
     )
-    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return sliced_linear(out, attn.o_proj, cols=head_rows(kept, hd)), None
+    return out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+
+
+def attention_forward(attn: nn.Module, hidden_states, position_embeddings, attention_mask, kept, **kwargs):
+    """Llama-family attention over the kept query heads ``kept`` (sorted); returns (output, None)."""
+    out = attend(attn, hidden_states, position_embeddings, attention_mask, kept, **kwargs)
+    return sliced_linear(out, attn.o_proj, cols=head_rows(kept, attn.head_dim)), None
 
 
 def omitted_slices(

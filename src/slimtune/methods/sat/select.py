@@ -10,6 +10,12 @@ of its KV group. LoRA layers are scored by their frozen base weights.
 | magnitude | ||[g_j; u_j; v_j]||_2            | ||[Q_h; K_g; V_g; O_h^T]||_F                      |
 | wanda     | Σ_i (|g_ji| + |u_ji|) c_i        | Σ_{rows r of Q_h, K_g, V_g} Σ_i |W_ri| c_i        |
 | maxip     | Σ_t |<x_t, g_j>|                 | Σ_t ||Q_h x_t||_2                                 |
+| activation| Σ_t |silu(<x_t,g_j>) <x_t,u_j>|  | Σ_t ||head output_t||_2 (before o_proj)           |
+
+``activation`` is the spec's oracle: it needs the dense gate/up pre-activations (computed without grad, then
+reused for the kept channels, so the MLP forward costs 2 + (1-ρ) GEMM widths instead of 3(1-ρ)) and a dense
+no-grad attention pass for heads. On SmolLM2 it is the only metric that keeps the sparse model usable (see
+docs/methods/sat.md).
 """
 
 from __future__ import annotations
@@ -68,6 +74,12 @@ def head_scores(attn, x: torch.Tensor, mask: torch.Tensor | None, metric: str) -
     if metric == "maxip":
         return (xs @ wq.t()).view(xs.shape[0], n_heads, hd).norm(dim=-1).sum(0)
     raise ValueError(metric)
+
+
+@torch.no_grad()
+def activation_scores(act: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ over non-padding tokens of |activation| per neuron: ``act`` is [batch, tokens, neurons]."""
+    return _tokens(act, mask).abs().sum(0)
 
 
 def n_kept(n: int, rate: float, min_keep: int) -> int:
