@@ -27,6 +27,9 @@ CASES = [
     ("qst", "qst", {"r": 4, "dropout": 0.0, "backend": "torch"}, 3e-2, False),
     ("sat", "sat", {"rate": 0.5, "schedule": "constant"}, 1e-3, True),
     ("sat-lora", "sat", {"rate": 0.5, "schedule": "constant", "lora_r": 4, "selection": "topk"}, 5e-3, True),
+    ("pst", "pst", {"sparsity": 0.5}, 3e-3, True),
+    ("pst-2:4", "pst", {"sparsity": 0.5, "pattern": "2:4", "init": "kaiming"}, 1e-2, True),
+    ("meft", "meft", {"r": 256, "k": 16, "experts": 16, "n_probe": 4}, 1e-2, False),
 ]
 
 
@@ -44,21 +47,24 @@ def reference_model(name, kwargs):
 
 
 def train_steps(adapted, steps, lr, data):
-    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=lr)
+    """The trainer's protocol: the method's param groups, its hooks, and its own optimizer step if it has one."""
+    adapted.total_steps = steps
+    opt = torch.optim.AdamW(adapted.param_groups(0.0), lr=lr)
     adapted.model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        adapted.hooks.call("on_step_start", step, adapted)
         loss = adapted.model(**data).loss
         loss.backward()
+        adapted.hooks.call("after_backward", step, adapted)
         opt.step()
+        if adapted.optimizer_step is not None:
+            adapted.optimizer_step(opt)
         opt.zero_grad()
+        adapted.hooks.call("on_step_end", step + 1, adapted)
         losses.append(loss.item())
     adapted.model.eval()
     return losses
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("case_id,name,kwargs,lr,mergeable", CASES)
@@ -86,7 +92,10 @@ class TestContract:
         before = {n: t.detach().clone() for n, t in tensors}
         train_steps(a, 3, lr, batch())
         changed = {n for n, t in tensors if not torch.equal(before[n], t)}
-        outside = {n for n, t in tensors if n in changed and id(t) not in trainable}
+        owned = set(
+            a.state_dict()
+        )  # method state: trainable tensors and declared method buffers (PST's sparsity)
+        outside = {n for n, t in tensors if n in changed and id(t) not in trainable and n not in owned}
         assert changed and not outside, f"changed outside the method: {sorted(outside)[:3]}"
 
     def test_loss_falls_on_repeated_batch(self, case_id, name, kwargs, lr, mergeable):
@@ -125,9 +134,13 @@ class TestContract:
 
     def test_bad_config_raises_clear_error(self, case_id, name, kwargs, lr, mergeable):
         cls = METHODS[name].config_cls
-        if name == "sat":
-            with pytest.raises(ConfigError, match=r"rate: 1.5 must be in \[0, 1\)"):
-                cls(rate=1.5)
+        own = {
+            "sat": ({"rate": 1.5}, r"rate: 1.5 must be in \[0, 1\)"),
+            "pst": ({"weight_rank": 0}, "weight_rank: 0"),
+        }
+        if name in own:
+            with pytest.raises(ConfigError, match=own[name][1]):
+                cls(**own[name][0])
             return
         bad = {"r": -1} if "r" in cls.__dataclass_fields__ else {"freeze_embeddings": None}
         if "r" in bad:

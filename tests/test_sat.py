@@ -270,7 +270,7 @@ def test_freeze_omitted_keeps_omitted_rows_through_adamw():
             a.hooks.call("after_backward", step, a)
             opt.step()
             if a.optimizer_step is not None:
-                a.optimizer_step()
+                a.optimizer_step(opt)
         omitted = ~a.controller.union[(0, "mlp")]
         after = a.model.model.layers[0].mlp.gate_proj.weight.detach()
         return torch.equal(after[omitted], before[omitted]), torch.equal(after[~omitted], before[~omitted])

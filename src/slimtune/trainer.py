@@ -165,7 +165,7 @@ class Trainer:
             )
         self.optimizer.step()
         if self.adapted.optimizer_step is not None:
-            self.adapted.optimizer_step()
+            self.adapted.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -14,6 +14,8 @@ from slimtune.methods.lora import (
     apply_lora,
     apply_qlora,
 )
+from slimtune.methods.meft import MEFTConfig, apply_meft
+from slimtune.methods.pst import PSTConfig, apply_pst
 from slimtune.methods.qst import QSTConfig, apply_qst
 from slimtune.methods.sat import SATConfig, apply_sat
 
@@ -40,6 +42,20 @@ METHODS: dict[str, MethodSpec] = {
         apply_sat,
         "full",
         "sparsity-accelerated training: each step omits unimportant MLP channels / heads by slicing weights",
+    ),
+    "pst": MethodSpec(
+        "pst",
+        PSTConfig,
+        apply_pst,
+        "adapter",
+        "parameter-efficient sparse training: LoRA update + learned low-rank/structured mask scores, sparse export",
+    ),
+    "meft": MethodSpec(
+        "meft",
+        MEFTConfig,
+        apply_meft,
+        "adapter",
+        "wide sparse parallel adapter in host memory: per token top-K neurons, only touched rows on the device",
     ),
 }
 

@@ -79,8 +79,9 @@ class Adapted:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    optimizer_step: Callable[[], None] | None = None
-    """A method that updates some state itself (e.g. host-resident rows) sets this; called after opt.step()."""
+    optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None
+    """A method that updates some state itself (e.g. host-resident rows) sets this; called after opt.step() with
+    the trainer's optimizer (its first param group carries the current lr, betas, eps, weight decay)."""
 
     def extra_state_scalars(self) -> dict[str, float]:
         """Numbers from ``extra_state`` worth logging each step (e.g. a current omission rate)."""

@@ -188,7 +188,7 @@ class SATAdapted(Adapted):
         from slimtune.methods.sat.stats import speed_limit
 
         base = self.model.get_base_model() if self.cfg.lora_r else self.model
-        return speed_limit(base.config, seq_len, self.controller.rate, self.cfg.targets)
+        return speed_limit(base.config, seq_len, self.controller.rate, self.cfg.targets, self.cfg.metric)
 
     def kept_fractions(self) -> dict[str, float]:
         return {k: (a / b if b else 1.0) for k, (a, b) in self.controller.kept_total.items()}
@@ -217,7 +217,7 @@ def _freeze_hooks(adapted: SATAdapted, modules) -> None:
             for p, dim, idx in omitted_slices(m, kind, omitted, kv_omitted):
                 saved.append((p, dim, idx, p.detach().index_select(dim, idx).clone()))
 
-    def restore():
+    def restore(optimizer=None):
         with torch.no_grad():
             for p, dim, idx, value in saved:
                 p.index_copy_(dim, idx, value)

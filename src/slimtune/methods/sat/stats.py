@@ -37,16 +37,38 @@ def omitted_fractions(config, rate: float, targets) -> dict[str, float]:
     }
 
 
-def speed_limit(config, seq_len: int, rate: float, targets) -> dict[str, float]:
+def selector_share(shares: dict[str, float], metric: str, targets) -> float:
+    """Step-FLOP share the importance metric adds (a no-grad forward costs 1/3 of a part's step share).
+    activation: dense gate+up (2/3 of the MLP forward; reused for the kept channels, see ``mlp_credit``) and a
+    dense q/k/v + attention pass for heads; maxip: the gate projection / the q projection; others: ~0."""
+    extra = 0.0
+    if "mlp" in targets:
+        extra += {"activation": 2 / 9, "maxip": 1 / 9}.get(metric, 0.0) * shares["mlp"]
+    if "attn" in targets:
+        if metric == "activation":
+            extra += (shares["q_o"] / 2 + shares["k_v"] + shares["attn_scores"]) / 3
+        elif metric == "maxip":
+            extra += shares["q_o"] / 2 / 3
+    return extra
+
+
+def speed_limit(config, seq_len: int, rate: float, targets, metric: str = "wanda") -> dict[str, float]:
+    """FLOP-share limit of SAT's speed-up over dense training at ``rate``, selector cost included."""
     shares = flop_shares(config, seq_len)
     omit = omitted_fractions(config, rate, targets)
     removed = omit["mlp"] * shares["mlp"] + omit["attn"] * (shares["q_o"] + shares["attn_scores"])
+    if metric == "activation" and "mlp" in targets:
+        # the reused dense gate/up values make the kept channels' gate/up forward free: credit it back
+        removed += (1 - omit["mlp"]) * 2 / 9 * shares["mlp"]
+    selector = selector_share(shares, metric, targets)
     return {
         "rate": rate,
+        "metric": metric,
         "omitted_mlp": omit["mlp"],
         "omitted_heads": omit["attn"],
         "omittable_share": shares["mlp"] * ("mlp" in targets)
         + (shares["q_o"] + shares["attn_scores"]) * ("attn" in targets),
-        "removed_share": removed,
-        "flop_speed_limit": 1 / (1 - removed),
+        "selector_share": selector,
+        "removed_share": removed - selector,
+        "flop_speed_limit": 1 / (1 - removed + selector),
     }

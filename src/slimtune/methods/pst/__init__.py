@@ -1,0 +1,18 @@
+"""PST: parameter-efficient sparse training (Li et al., IJCAI 2022)."""
+
+from slimtune.methods.pst.apply import PSTAdapted, apply_pst, cubic_sparsity, pst_layers, sparsity_report
+from slimtune.methods.pst.config import PSTConfig
+from slimtune.methods.pst.layer import PSTLinear, n_pruned, nm_mask, topk_mask
+
+__all__ = [
+    "PSTAdapted",
+    "PSTConfig",
+    "PSTLinear",
+    "apply_pst",
+    "cubic_sparsity",
+    "n_pruned",
+    "nm_mask",
+    "pst_layers",
+    "sparsity_report",
+    "topk_mask",
+]

@@ -1,0 +1,162 @@
+"""Applying PST: swap the targeted linears for ``PSTLinear``, freeze the rest, run the cubic sparsity schedule
+after every optimizer step, and merge into a plain sparse HF model."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+
+import torch
+from torch import nn
+
+from slimtune.errors import UserError
+from slimtune.methods.base import Adapted, TrainerHooks
+from slimtune.methods.pst.config import PSTConfig
+from slimtune.methods.pst.layer import PSTLinear, n_pruned
+
+log = logging.getLogger(__name__)
+
+
+def cubic_sparsity(step: int, total: int, cfg: PSTConfig) -> float:
+    """Zhu & Gupta's cubic ramp: s_i until t_w, s_f after T - t_c, s_f + (s_i - s_f)(1 - progress)^3 between."""
+    t_w, t_c = cfg.warmup_frac * total, cfg.cooldown_frac * total
+    if step <= t_w:
+        return cfg.init_sparsity
+    if step > total - t_c:
+        return cfg.sparsity
+    progress = (step - t_w) / (total - t_w - t_c)
+    return cfg.sparsity + (cfg.init_sparsity - cfg.sparsity) * (1 - progress) ** 3
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.fullmatch(pat[3:], name):
+                return True
+        elif name == pat or name.endswith("." + pat):
+            return True
+    return False
+
+
+def pst_layers(model: nn.Module) -> dict[str, PSTLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PSTLinear)}
+
+
+def set_sparsity(model: nn.Module, sparsity: float, nm: tuple[int, int] | None) -> None:
+    for layer in pst_layers(model).values():
+        layer.sparsity.fill_(sparsity)
+        layer.nm = nm
+
+
+def sparsity_report(model: nn.Module) -> dict:
+    """Zeros per targeted layer (of the masked weight) and overall; works on PST and on merged models."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PSTLinear):
+            w = m.merged_linear().weight
+        elif isinstance(m, nn.Linear) and "lm_head" not in name:
+            w = m.weight
+        else:
+            continue
+        layers[name] = (int((w == 0).sum()), w.numel())
+    zeros, total = sum(z for z, _ in layers.values()), sum(n for _, n in layers.values())
+    return {"layers": layers, "zeros": zeros, "numel": total, "sparsity": zeros / max(total, 1)}
+
+
+class PSTAdapted(Adapted):
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        out.update({n: b.detach() for n, b in self.model.named_buffers() if n.endswith(".sparsity")})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        buffers = dict(self.model.named_buffers())
+        missing = [n for n in self.state_dict() if n not in state]
+        if missing:
+            raise KeyError(f"PST state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                target = buffers[k] if k in buffers else params[k]
+                target.copy_(v.to(target.dtype))
+        nm = self.cfg.nm()
+        cool = nm is not None and any(
+            float(b) >= self.cfg.sparsity for k, b in buffers.items() if k.endswith(".sparsity")
+        )
+        for layer in pst_layers(self.model).values():
+            layer.nm = nm if cool else None
+
+    def merge(self) -> nn.Module:
+        """A plain model whose targeted linears hold M ⊙ (W0 + βUV) at the current sparsity (the training model's
+        eval output, exactly). Merging before the schedule reaches the target gives a less sparse model: warned."""
+        layers = pst_layers(self.model)
+        current = max((float(m.sparsity) for m in layers.values()), default=0.0)
+        if current < self.cfg.sparsity:
+            log.warning(
+                "PST merge at sparsity %.3f, below the target %.3f (the schedule has not finished)",
+                current,
+                self.cfg.sparsity,
+            )
+        merged = copy.deepcopy(self.model)
+        for name, layer in pst_layers(merged).items():
+            merged.set_submodule(name, layer.merged_linear())
+        for p in merged.parameters():
+            p.requires_grad_(False)
+        return merged
+
+
+def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
+    targets = [
+        (n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and "lm_head" not in n
+    ]
+    if not targets:
+        raise UserError(
+            f"method.target_modules: {cfg.target_modules} matches no module of {type(model).__name__}"
+        )
+    bad = [f"{n} ({type(m).__name__})" for n, m in targets if type(m) is not nn.Linear]
+    if bad:
+        raise UserError(
+            f"method.target_modules: PST wraps torch.nn.Linear only; unsupported: {', '.join(bad[:3])}"
+        )
+    nm = cfg.nm()
+    if nm:
+        odd = [n for n, m in targets if m.in_features % nm[1]]
+        if odd:
+            raise UserError(
+                f"method.pattern {cfg.pattern}: in_features of {odd[0]} is not a multiple of {nm[1]}"
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, lin in targets:
+        model.set_submodule(name, PSTLinear(lin, cfg))
+    for name, m in model.named_modules():
+        if cfg.extra_trainable and _matches(name, cfg.extra_trainable):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    set_sparsity(model, cfg.init_sparsity, None)
+    adapted = PSTAdapted(model, cfg, TrainerHooks())
+
+    def on_step_end(step: int, a: Adapted) -> None:
+        """After optimizer step ``step`` (completed count): the sparsity the next forward uses."""
+        total = a.total_steps
+        s = cfg.sparsity if not total else cubic_sparsity(step, total, cfg)
+        cooling = nm is not None and (not total or step > total - cfg.cooldown_frac * total)
+        set_sparsity(a.model, s, nm if cooling else None)
+        refresh = step % cfg.mask_update_interval == 0
+        for layer in pst_layers(a.model).values():
+            layer.freeze_mask = not refresh
+        a.extra_state["sparsity"] = round(s, 6)
+
+    def on_step_start(step: int, a: Adapted) -> None:
+        if a.total_steps is None and step == 0:  # benchmarks: held at the target (the cool-down state)
+            on_step_end(0, a)
+
+    adapted.hooks.on_step_start = on_step_start
+    adapted.hooks.on_step_end = on_step_end
+    adapted.extra_state["sparsity"] = cfg.init_sparsity
+    return adapted
+
+
+def expected_zeros(model: nn.Module, sparsity: float) -> int:
+    return sum(n_pruned(m.base_layer.weight.numel(), sparsity) for m in pst_layers(model).values())

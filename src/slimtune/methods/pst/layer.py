@@ -1,0 +1,154 @@
+"""PSTLinear: a frozen linear with a LoRA-style update and a learned top-k mask (Li et al., IJCAI 2022).
+
+For a frozen W0 ∈ R^{n×k} (n = out, k = in) and bias b:
+
+    W = W0 + β U V                           U: n×r_w, V: r_w×k  (V = 0 at init)
+    S = |W| + α1 A B + α2 (R 1ᵀ + 1 Cᵀ)      A: n×r_m, B: r_m×k  (B = 0), R: n, C: k  (R = C = 0)
+    M = top-k mask of S: the p = floor(n·k·s + 1e-9) lowest scores are 0 (unstructured), or
+        the N highest of every M consecutive inputs kept (N:M, e.g. 2:4)
+    y = x (M ⊙ W)ᵀ + b
+
+The binarizer's backward is the identity (straight-through): ∂L/∂S := ∂L/∂M = G ⊙ W, with G = ∂L/∂(M ⊙ W), so
+∂L/∂A = α1 (G⊙W) Bᵀ, ∂L/∂B = α1 Aᵀ (G⊙W), ∂L/∂R = α2 Σ_j (G⊙W)_ij, ∂L/∂C = α2 Σ_i (G⊙W)_ij; W (hence U, V)
+receives M ⊙ G plus, through |W| in S, sign(W) ⊙ G ⊙ W (``score_grad_to_weight``). It is written as
+``M = mask + (S - S.detach())``: exactly the 0/1 mask in value, identity in gradient. No trainable n×k tensor
+exists: only U, V, A, B, R, C are parameters.
+
+The mask is found with ``kthvalue`` on float32 scores under no_grad and cached while the layer's parameters are
+unchanged (``Tensor._version``): once per optimizer step in training, once in eval. Ties at the threshold are
+broken by position (lower flat index pruned first), so exactly p entries are pruned, deterministically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """The one rounding rule: p = floor(N·s + 1e-9)."""
+    return math.floor(numel * sparsity + 1e-9)
+
+
+@torch.no_grad()
+def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean keep-mask with exactly ``n_pruned(N, sparsity)`` False entries: the lowest scores, ties by index."""
+    flat = scores.detach().float().flatten()
+    p = n_pruned(flat.numel(), sparsity)
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if p == 0:
+        return keep.view_as(scores)
+    thr = flat.kthvalue(p).values
+    keep &= flat > thr
+    ties = (flat == thr).nonzero().flatten()
+    still = p - int((flat < thr).sum())  # how many of the tied entries must go
+    keep[ties[still:]] = True
+    return keep.view_as(scores)
+
+
+@torch.no_grad()
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean keep-mask keeping the n highest of every m consecutive entries along the last (input) dim."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M sparsity needs in_features divisible by {m}, got {cols}")
+    groups = scores.detach().float().view(rows, cols // m, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return keep.view(rows, cols)
+
+
+class PSTLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``, not copied) with PST's six small parameters."""
+
+    def __init__(self, base: nn.Linear, cfg):
+        super().__init__()
+        if type(base) is not nn.Linear:
+            raise TypeError(f"PST wraps torch.nn.Linear layers, not {type(base).__name__}")
+        self.base_layer = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        n, k = base.out_features, base.in_features
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.pst_U = nn.Parameter(torch.empty(n, cfg.weight_rank, **kw))
+        self.pst_V = nn.Parameter(torch.zeros(cfg.weight_rank, k, **kw))
+        self.pst_A = nn.Parameter(torch.empty(n, cfg.score_rank, **kw))
+        self.pst_B = nn.Parameter(torch.zeros(cfg.score_rank, k, **kw))
+        self.pst_R = nn.Parameter(torch.zeros(n, **kw))
+        self.pst_C = nn.Parameter(torch.zeros(k, **kw))
+        if not base.weight.is_meta:
+            for p in (self.pst_U, self.pst_A):
+                if cfg.init == "kaiming":
+                    nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(p)
+        self.beta, self.alpha1, self.alpha2 = cfg.weight_beta, cfg.alpha_lowrank, cfg.alpha_struct
+        self.score_grad_to_weight = cfg.score_grad_to_weight
+        self.register_buffer("sparsity", torch.zeros(()))  # current s_t (checkpointed with the module)
+        self.nm: tuple[int, int] | None = None  # set by the schedule during cool-down when the pattern is N:M
+        self.freeze_mask = False  # mask_update_interval > 1: reuse the cached mask between refreshes
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        n, k = self.base_layer.out_features, self.base_layer.in_features
+        return f"in={k}, out={n}, r_w={self.pst_U.shape[1]}, r_m={self.pst_A.shape[1]}, nm={self.nm}"
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.base_layer.weight + self.beta * (self.pst_U @ self.pst_V)
+
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight if self.score_grad_to_weight else weight.detach()
+        dt = torch.promote_types(w.dtype, torch.float32)  # float32 at least (bf16/fp16 scores tie too often)
+        struct = self.pst_R[:, None] + self.pst_C[None, :]
+        return w.abs().to(dt) + self.alpha1 * (self.pst_A @ self.pst_B).to(dt) + self.alpha2 * struct.to(dt)
+
+    def _state_key(self) -> tuple:
+        return (
+            float(self.sparsity),
+            self.nm,
+            self.base_layer.weight._version,
+            *(p._version for p in (self.pst_U, self.pst_V, self.pst_A, self.pst_B, self.pst_R, self.pst_C)),
+        )
+
+    def keep_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The boolean keep-mask at the current sparsity/pattern (cached while nothing changed)."""
+        key = self._state_key()
+        if self._cache is not None and (
+            self._cache[0] == key or (self.freeze_mask and self._cache[0][:2] == key[:2])
+        ):
+            return self._cache[1]
+        if scores is None:
+            with torch.no_grad():
+                scores = self.scores(self.effective_weight())
+        mask = nm_mask(scores, *self.nm) if self.nm else topk_mask(scores, float(self.sparsity))
+        self._cache = (key, mask)
+        return mask
+
+    def masked_weight(self) -> torch.Tensor:
+        w = self.effective_weight()
+        s = self.scores(w)
+        mask = self.keep_mask(s).to(s.dtype)
+        m = mask + (s - s.detach())  # value: the 0/1 mask; gradient: straight through to the scores
+        return (m.to(w.dtype)) * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.base_layer.bias)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding M ⊙ (W0 + β U V) (a new module; the base is untouched)."""
+        w = self.effective_weight()
+        out = nn.Linear(
+            w.shape[1], w.shape[0], bias=self.base_layer.bias is not None, device=w.device, dtype=w.dtype
+        )
+        out.weight.copy_(w * self.keep_mask().to(w.dtype))
+        if self.base_layer.bias is not None:
+            out.bias.copy_(self.base_layer.bias)
+        return out
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith("pst_"))

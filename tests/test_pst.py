@@ -1,0 +1,224 @@
+"""PST (parameter-efficient sparse training): the tests of specs/pst.md §6.5 on a tiny Llama."""
+
+import pytest
+import torch
+from tests.conftest import batch
+from torch import nn
+
+from slimtune.errors import ConfigError, UserError
+from slimtune.methods import apply, make_config
+from slimtune.methods.pst import (
+    PSTLinear,
+    cubic_sparsity,
+    n_pruned,
+    nm_mask,
+    pst_layers,
+    sparsity_report,
+    topk_mask,
+)
+from slimtune.models import tiny_llama
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return apply(tiny_llama(seed=0), make_config("pst", **kw))
+
+
+# 1. schedule
+def test_cubic_schedule_values_and_validation():
+    cfg = make_config("pst", sparsity=0.9)
+    total = 1000
+    assert cubic_sparsity(0, total, cfg) == 0.0 and cubic_sparsity(100, total, cfg) == 0.0
+    assert cubic_sparsity(200, total, cfg) == pytest.approx(0.3792, abs=1e-4)
+    assert cubic_sparsity(400, total, cfg) == pytest.approx(0.7875, abs=1e-4)
+    assert cubic_sparsity(600, total, cfg) == pytest.approx(0.8958, abs=1e-4)
+    assert cubic_sparsity(700, total, cfg) == pytest.approx(0.9, abs=1e-12)
+    assert cubic_sparsity(701, total, cfg) == 0.9 and cubic_sparsity(1000, total, cfg) == 0.9
+    values = [cubic_sparsity(t, total, cfg) for t in range(total + 1)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ConfigError, match="cooldown_frac: warmup_frac \\+ cooldown_frac must be < 1"):
+        make_config("pst", warmup_frac=0.6, cooldown_frac=0.4)
+    with pytest.raises(ConfigError, match="sparsity: pattern 2:4 fixes sparsity at 0.5"):
+        make_config("pst", pattern="2:4", sparsity=0.7)
+    with pytest.raises(ConfigError, match="pattern"):
+        make_config("pst", pattern="4:2")
+
+
+# 2 + 9. exact sparsity, rounding, ties
+def test_topk_mask_prunes_exactly_p_with_deterministic_ties():
+    assert n_pruned(100, 0.29) == 29 and int(100 * 0.29) == 28  # the reference's float floor is off by one
+    const = torch.ones(10, 10)
+    m = topk_mask(const, 0.29)
+    assert int((~m).sum()) == 29
+    assert torch.equal(~m.flatten(), torch.arange(100) < 29)  # ties: lower index pruned first
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 48, generator=g).round(decimals=1)  # many ties
+    for sp in (0.0, 0.1, 0.5, 0.9):
+        m1, m2 = topk_mask(s, sp), topk_mask(s.clone(), sp)
+        assert torch.equal(m1, m2) and int((~m1).sum()) == n_pruned(s.numel(), sp)
+        if sp:
+            assert s[~m1].max() <= s[m1].min()  # pruned scores never exceed kept ones
+
+
+def test_nm_mask_keeps_two_of_every_four():
+    s = torch.randn(8, 16)
+    m = nm_mask(s, 2, 4)
+    assert torch.equal(m.view(8, 4, 4).sum(-1), torch.full((8, 4), 2))
+    top2 = s.view(8, 4, 4).topk(2, dim=-1).indices
+    assert torch.equal(torch.zeros(8, 4, 4, dtype=torch.bool).scatter_(-1, top2, True).view(8, 16), m)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        nm_mask(torch.randn(2, 6), 2, 4)
+
+
+def run_schedule(a, steps, lr=1e-2, data=None):
+    """A plain loop that calls the hooks as the trainer does (after each optimizer step)."""
+    a.total_steps = steps
+    opt = torch.optim.AdamW(a.trainable_parameters(), lr=lr)
+    data = data or batch()
+    losses, zeros = [], []
+    for step in range(steps):
+        a.hooks.call("on_step_start", step, a)
+        a.model.train()
+        loss = a.model(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        a.hooks.call("on_step_end", step + 1, a)
+        losses.append(loss.item())
+        zeros.append(sum(int((~m.keep_mask()).sum()) for m in pst_layers(a.model).values()))
+    return losses, zeros
+
+
+def test_schedule_ends_with_exactly_floor_n_s_zeros_per_layer_and_loss_falls():
+    a = make(sparsity=0.5)
+    losses, zeros = run_schedule(a, 30)
+    layers = pst_layers(a.model)
+    assert len(layers) == 2 * 7
+    for name, layer in layers.items():
+        assert int((~layer.keep_mask()).sum()) == n_pruned(layer.base_layer.weight.numel(), 0.5), name
+    expected = sum(n_pruned(m.base_layer.weight.numel(), 0.5) for m in layers.values())
+    assert zeros[-1] == expected and zeros[20:] == [expected] * 10  # cool-down: the count is fixed
+    assert zeros[0] == 0 and all(x <= y for x, y in zip(zeros, zeros[1:]))
+    assert losses[-1] < 0.85 * losses[0]
+    merged = a.merge()
+    report = sparsity_report(merged)
+    assert report["zeros"] >= expected and report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+# 3. merge equivalence, plain model, save/load
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_merge_equals_training_model_and_is_a_plain_llama(pattern, tmp_path):
+    a = make(sparsity=0.5, pattern=pattern)
+    run_schedule(a, 20)
+    data = batch(seed=5)
+    a.model.eval()
+    expected = a.model(**data).logits
+    merged = a.merge()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {
+        k: v.shape for k, v in tiny_llama(seed=0).state_dict().items()
+    }
+    torch.testing.assert_close(merged.eval()(**data).logits, expected, atol=1e-5, rtol=0)
+    merged.save_pretrained(tmp_path / "m")
+    reloaded = type(merged).from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(reloaded(**data).logits, expected, atol=1e-5, rtol=0)
+    if pattern == "2:4":  # 8. every group of 4 inputs has at most 2 non-zeros, the mask exactly 2
+        for name, m in reloaded.named_modules():
+            if isinstance(m, nn.Linear) and "lm_head" not in name:
+                assert int((m.weight.view(m.weight.shape[0], -1, 4) != 0).sum(-1).max()) <= 2, name
+        for layer in pst_layers(a.model).values():
+            k = layer.keep_mask()
+            assert torch.equal(
+                k.view(k.shape[0], -1, 4).sum(-1), torch.full((k.shape[0], k.shape[1] // 4), 2)
+            )
+
+
+# 4. trainable count
+def test_trainable_tensors_and_count_formula_on_smollm2_geometry():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+        num_hidden_layers=30, vocab_size=49152, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    a = apply(model, make_config("pst"))
+    names = [n for n, _ in a.named_trainable_parameters()]
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"pst_U", "pst_V", "pst_A", "pst_B", "pst_R", "pst_C"}
+    assert sum(p.numel() for p in a.trainable_parameters()) == 5_189_760
+    split = {k: sum(p.numel() for n, p in a.named_trainable_parameters() if n.endswith(k)) for k in "UVABRC"}
+    assert split["U"] + split["V"] == 2_442_240 and split["A"] + split["B"] == 2_442_240
+    assert split["R"] + split["C"] == 305_280
+
+
+def test_extra_trainable_is_counted_and_unsupported_layers_are_refused():
+    a = make(extra_trainable=["model.norm"])
+    names = [n for n, _ in a.named_trainable_parameters()]
+    assert "model.norm.weight" in names
+    with pytest.raises(UserError, match="matches no module"):
+        make(target_modules=["nope"])
+    with pytest.raises(UserError, match="torch.nn.Linear only"):
+        make(target_modules=["re:model\\.layers\\.0\\.mlp"])
+
+
+# 5. identity at init
+def test_starts_exactly_at_the_base_model():
+    a = make()
+    data = batch()
+    assert torch.equal(a.model.eval()(**data).logits, tiny_llama(seed=0).eval()(**data).logits)
+
+
+# 6. straight-through gradients in closed form
+@pytest.mark.parametrize("to_weight", [True, False])
+def test_ste_gradients_match_closed_forms(to_weight):
+    torch.manual_seed(0)
+    base = nn.Linear(12, 8, dtype=torch.float64)
+    cfg = make_config("pst", weight_rank=3, score_rank=2, alpha_lowrank=0.7, alpha_struct=1.3,
+                      score_grad_to_weight=to_weight)  # fmt: skip
+    layer = PSTLinear(base, cfg).double()
+    with torch.no_grad():
+        for p in (layer.pst_V, layer.pst_B, layer.pst_R, layer.pst_C):
+            p.normal_()
+    layer.sparsity.fill_(0.4)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    gy = torch.randn(5, 8, dtype=torch.float64)
+    (layer(x) * gy).sum().backward()
+    w = (base.weight + layer.pst_U @ layer.pst_V).detach()
+    mask = layer.keep_mask().double()
+    g = gy.t() @ x  # dL/d(M ⊙ W)
+    gw = g * w
+    torch.testing.assert_close(layer.pst_A.grad, 0.7 * gw @ layer.pst_B.detach().t())
+    torch.testing.assert_close(layer.pst_B.grad, 0.7 * layer.pst_A.detach().t() @ gw)
+    torch.testing.assert_close(layer.pst_R.grad, 1.3 * gw.sum(1))
+    torch.testing.assert_close(layer.pst_C.grad, 1.3 * gw.sum(0))
+    dw = mask * g + (torch.sign(w) * gw if to_weight else 0)
+    torch.testing.assert_close(layer.pst_U.grad, dw @ layer.pst_V.detach().t())
+    torch.testing.assert_close(layer.pst_V.grad, layer.pst_U.detach().t() @ dw)
+    assert base.weight.grad is None and base.bias.grad is None
+
+
+# 7. mask dynamics and caching
+def test_mask_is_cached_between_steps_and_eval_is_deterministic():
+    a = make(sparsity=0.5)
+    run_schedule(a, 12)
+    layer = next(iter(pst_layers(a.model).values()))
+    m1 = layer.keep_mask()
+    assert layer.keep_mask() is m1  # unchanged parameters: no recomputation
+    with torch.no_grad():
+        layer.pst_R.add_(1.0)
+    assert layer.keep_mask() is not m1
+    a.model.eval()
+    data = batch(seed=3)
+    assert torch.equal(a.model(**data).logits, a.model(**data).logits)
+
+
+def test_interval_reuses_masks_between_refreshes():
+    a = make(sparsity=0.5, mask_update_interval=4)
+    run_schedule(a, 10)
+    layer = next(iter(pst_layers(a.model).values()))
+    assert layer.freeze_mask  # step 10 is not a refresh step
+    before = layer.keep_mask()
+    with torch.no_grad():
+        layer.pst_R.add_(torch.randn_like(layer.pst_R))
+    assert layer.keep_mask() is before
