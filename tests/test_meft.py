@@ -4,13 +4,13 @@ states what would live where."""
 
 import pytest
 import torch
+from tests.conftest import batch
 
 from slimtune.errors import ConfigError
 from slimtune.methods import apply, make_config
 from slimtune.methods.meft import select_topk, union_rows
 from slimtune.methods.meft.select import Selection
 from slimtune.models import tiny_llama
-from tests.conftest import batch
 
 D = 64
 
