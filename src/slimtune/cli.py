@@ -160,6 +160,16 @@ def cmd_bench(args) -> int:
     return 0 if all(r.get("ok") for r in results["runs"]) else 1
 
 
+def cmd_pema(args) -> int:
+    from slimtune import config as C
+    from slimtune.methods.pema import workflow
+
+    cfg = C.load_config(args.config, args.overrides)
+    step = {"build-memory": workflow.build, "train": workflow.train, "generate": workflow.generate}[args.step]
+    step(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -209,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=int, help="seconds per run (default 1800)")
     b.add_argument("--out", required=True, help="new directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)
+
+    pm = sub.add_parser(
+        "pema", help="PEMA offsite tuning: build-memory (owner), train (data owner), generate"
+    )
+    pm.add_argument("step", choices=["build-memory", "train", "generate"])
+    pm.add_argument("config", help="CONFIG.yaml with method.name: pema and a fixed train.output_dir")
+    pm.add_argument("overrides", nargs="*")
+    pm.set_defaults(fn=cmd_pema)
 
     e = sub.add_parser("export", help="write a merged plain HF model from a run")
     e.add_argument("run", help="RUN_DIR")

@@ -67,3 +67,15 @@ def frozen_head_cross_entropy(
         raise ValueError("frozen_head_cross_entropy: the head weight must be frozen (requires_grad=False)")
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     return _FrozenHeadCE.apply(hidden, weight, targets, chunk)
+
+
+def frozen_head_rows_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Mean cross-entropy of independent rows ``hidden`` [N, d] @ ``weight.T`` against ``targets`` [N] (no shift;
+    -100 ignored), with the same logit-free forward/backward as :func:`frozen_head_cross_entropy`."""
+    if weight.requires_grad:
+        raise ValueError(
+            "frozen_head_rows_cross_entropy: the head weight must be frozen (requires_grad=False)"
+        )
+    return _FrozenHeadCE.apply(hidden, weight, targets, chunk)

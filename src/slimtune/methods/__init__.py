@@ -15,6 +15,7 @@ from slimtune.methods.lora import (
     apply_qlora,
 )
 from slimtune.methods.meft import MEFTConfig, apply_meft
+from slimtune.methods.pema import PEMAConfig, apply_pema
 from slimtune.methods.pst import PSTConfig, apply_pst
 from slimtune.methods.qst import QSTConfig, apply_qst
 from slimtune.methods.sat import SATConfig, apply_sat
@@ -56,6 +57,13 @@ METHODS: dict[str, MethodSpec] = {
         apply_meft,
         "adapter",
         "wide sparse parallel adapter in host memory: per token top-K neurons, only touched rows on the device",
+    ),
+    "pema": MethodSpec(
+        "pema",
+        PEMAConfig,
+        apply_pema,
+        "adapter",
+        "offsite tuning: adapter trained on the owner's final-layer states; `slimtune pema build-memory|train|generate`",
     ),
 }
 

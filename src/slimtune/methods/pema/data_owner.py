@@ -1,0 +1,220 @@
+"""The data owner's side of PEMA: the external memory, the adapter, its two training stages, and generation with
+Gradual Unrolling. Nothing here holds decoder weights: only the owner's ``HeadBundle``, memory rows and the
+adapter (tested by walking every tensor the objects reach).
+
+Adapter (no residual): z = s·A·drop(x), s = α/r;  h_rct = B_rct z;  h_pd = B_pd z;
+P_PEMA(w | c) = softmax(W · RMSNorm(h_pd)) with the owner's frozen head.
+Stage 1: (A₁, B_rct) minimise MSE(h_rct, x). Stage 2: B_rct frozen, fresh A₂ and B_pd minimise
+κ·MSE(B_rct s A₂ drop(x), x) + (1 − κ)·CE(W · RMSNorm(B_pd s A₂ drop(x)), y). Deployed: (A₂, B_pd).
+Generation mixes in log space before any other logits processing: log P = logsumexp(log(1−λ) + log P_LM,
+log λ + log P_PEMA), λ from Gradual Unrolling λ(0) = λ_max, λ(t) = (λ_max·(1 − min(t, L−1)/L))², per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtune.losses import frozen_head_rows_cross_entropy
+from slimtune.methods.pema.config import PEMAConfig
+from slimtune.methods.pema.owner import HeadBundle, Owner
+
+
+@dataclass
+class ExternalMemory:
+    keys: torch.Tensor  # [N, d] float32: the owner's states
+    values: torch.Tensor  # [N] int64: the data owner's target tokens
+
+    def save(self, path: Path) -> None:
+        save_file({"keys": self.keys.contiguous(), "values": self.values.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> ExternalMemory:
+        t = load_file(str(path))
+        return cls(t["keys"], t["values"])
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * 4 + self.values.numel() * 8
+
+
+def build_memory(
+    owner: Owner,
+    prompts: list[list[int]],
+    targets: list[list[int]],
+    cfg: PEMAConfig,
+    stop_id: int,
+    batch_size: int = 16,
+) -> ExternalMemory:
+    """Rows (f(c_t), y_t). free_running: c_t follows the owner's own greedy tokens, y_t the gold token at the same
+    position (t ≤ min(T, G)); teacher_forced: c_t = prompt + y_<t. With ``append_stop_target`` one more row pairs
+    the state after T tokens with the stop token (when the owner's trajectory reaches it)."""
+    keys, values = [], []
+    for start in range(0, len(prompts), batch_size):
+        p, y = prompts[start : start + batch_size], targets[start : start + batch_size]
+        if cfg.memory_mode == "teacher_forced":
+            states = owner.teacher_forced_states(p, y)
+        else:
+            states = [s for s, _ in owner.greedy_trajectory(p, cfg.max_new_tokens, {stop_id})]
+        for f, gold in zip(states, y):
+            n = min(len(gold), f.shape[0])
+            keys.append(f[:n])
+            values.append(torch.tensor(gold[:n], dtype=torch.long))
+            if cfg.append_stop_target and f.shape[0] > len(gold):
+                keys.append(f[len(gold) : len(gold) + 1])
+                values.append(torch.tensor([stop_id]))
+    return ExternalMemory(torch.cat(keys).float(), torch.cat(values))
+
+
+class PEMAAdapter(nn.Module):
+    """A (r x d), B_rct (d x r), B_pd (d x r); LoRA-style init (A kaiming-uniform, B = 0)."""
+
+    def __init__(self, d: int, cfg: PEMAConfig):
+        super().__init__()
+        self.scale = cfg.alpha / cfg.r
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pema_A = nn.Parameter(torch.empty(cfg.r, d))
+        self.pema_B_rct = nn.Parameter(torch.zeros(d, cfg.r))
+        self.pema_B_pd = nn.Parameter(torch.zeros(d, cfg.r))
+        nn.init.kaiming_uniform_(self.pema_A, a=math.sqrt(5))
+        self.register_buffer("key_scale", torch.ones(()))
+
+    def z(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(self.drop(x * self.key_scale), self.pema_A)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.z(x), self.pema_B_rct)
+
+    def predict_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.z(x), self.pema_B_pd)
+
+
+def _rct_loss(adapter: PEMAAdapter, x: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(adapter.reconstruct(x), x * adapter.key_scale)
+
+
+def _pd_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return frozen_head_rows_cross_entropy(head.norm(adapter.predict_hidden(x)), head.weight, y)
+
+
+def _train(
+    adapter, params, loss_fn, train: ExternalMemory, dev: ExternalMemory, batch: int, epochs: int, cfg, log
+):
+    """Adam over shuffled memory rows; validation every ``eval_every`` steps; stop when the dev loss is above both
+    previous checks (the reference's rule). Returns the history of (step, train loss, dev loss)."""
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, checks, step = [], [], 0
+    for _epoch in range(epochs):
+        order = torch.randperm(train.keys.shape[0], generator=gen)
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            adapter.train()
+            loss = loss_fn(train.keys[idx], train.values[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % cfg.eval_every == 0:
+                adapter.eval()
+                with torch.no_grad():
+                    dev_loss = float(loss_fn(dev.keys, dev.values))
+                history.append((step, float(loss), dev_loss))
+                log(f"step {step}: train {float(loss):.4f}, dev {dev_loss:.4f}")
+                if len(checks) >= 2 and dev_loss > checks[-1] and dev_loss > checks[-2]:
+                    return history
+                checks.append(dev_loss)
+    return history
+
+
+def train_pema(
+    head: HeadBundle, train: ExternalMemory, dev: ExternalMemory, cfg: PEMAConfig, log=print
+) -> tuple[PEMAAdapter, dict]:
+    """Stage 1 (reconstruction) then stage 2 (κ·MSE + (1 − κ)·CE); returns the adapter and the histories."""
+    torch.manual_seed(cfg.seed)
+    d = train.keys.shape[1]
+    adapter = PEMAAdapter(d, cfg)
+    if cfg.key_scale:
+        adapter.key_scale.fill_(float(1.0 / train.keys.pow(2).mean().sqrt()))
+    a = adapter
+    log("stage 1: reconstruction")
+    h1 = _train(
+        a, [a.pema_A, a.pema_B_rct], lambda x, y: _rct_loss(a, x), train, dev, cfg.batch_stage1,
+        cfg.epochs_stage1, cfg, log,
+    )  # fmt: skip
+    if not cfg.init_a2_from_stage1:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(a.pema_A, a=math.sqrt(5))
+    a.pema_B_rct.requires_grad_(False)
+
+    def joint(x, y):
+        return cfg.kappa * _rct_loss(a, x) + (1 - cfg.kappa) * _pd_loss(a, head, x, y)
+
+    log("stage 2: joint")
+    h2 = _train(a, [a.pema_A, a.pema_B_pd], joint, train, dev, cfg.batch_stage2, cfg.epochs_stage2, cfg, log)
+    a.eval()
+    return a, {"stage1": h1, "stage2": h2}
+
+
+def gu_lambda(t: int, lambda_max: float, horizon: int) -> float:
+    """Gradual Unrolling: λ(0) = λ_max, λ(t) = (λ_max (1 − min(t, L−1)/L))² for t ≥ 1 (per sequence)."""
+    if t == 0:
+        return lambda_max
+    return (lambda_max * (1 - min(t, horizon - 1) / horizon)) ** 2
+
+
+def mix_log_probs(lp_lm: torch.Tensor, lp_pema: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """log(λ P_PEMA + (1 − λ) P_LM) per row; rows with λ = 0 return ``lp_lm`` exactly, λ = 1 ``lp_pema``."""
+    lam = lam.to(lp_lm.dtype)[:, None]
+    mixed = torch.logaddexp(
+        torch.log1p(-lam.clamp(max=1 - 1e-12)) + lp_lm, torch.log(lam.clamp(min=1e-30)) + lp_pema
+    )
+    out = torch.where(lam == 0, lp_lm, mixed)
+    return torch.where(lam == 1, lp_pema, out)
+
+
+@torch.no_grad()
+def pema_generate(
+    owner: Owner,
+    head: HeadBundle,
+    adapter: PEMAAdapter | None,
+    prompts: list[list[int]],
+    horizons: list[int],
+    cfg: PEMAConfig,
+    stop_ids: set[int],
+    constant_lambda: float | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy generation through the owner, mixing PEMA's distribution per step (λ per sequence)."""
+    results: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        p, hz = prompts[start : start + batch_size], horizons[start : start + batch_size]
+        session, f, logits = owner.begin(p)
+        out = [[] for _ in p]
+        alive = torch.ones(len(p), dtype=torch.bool)
+        for t in range(cfg.max_new_tokens):
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            if adapter is not None:
+                if constant_lambda is not None:
+                    lam = torch.full((len(p),), constant_lambda)
+                else:
+                    lam = torch.tensor([gu_lambda(t, cfg.lambda_max, h) for h in hz])
+                if bool((lam > 0).any()):
+                    lp_pema = torch.log_softmax(head.logits(adapter.predict_hidden(f.float().cpu())), dim=-1)
+                    lp = mix_log_probs(lp.cpu(), lp_pema, lam)
+            nxt = lp.argmax(-1)
+            for i in range(len(p)):
+                if alive[i]:
+                    out[i].append(int(nxt[i]))
+                    if int(nxt[i]) in stop_ids:
+                        alive[i] = False
+            if not bool(alive.any()):
+                break
+            f, logits = owner.step(session, nxt)
+        results.extend(out)
+    return results

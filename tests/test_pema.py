@@ -1,0 +1,183 @@
+"""PEMA (offsite tuning with an external memory): specs/pema.md §11 on a tiny Llama (hidden 64, 2 layers)."""
+
+import math
+
+import pytest
+import torch
+
+from slimtune.errors import ConfigError
+from slimtune.methods import make_config
+from slimtune.methods.pema import (
+    ExternalMemory,
+    Owner,
+    PEMAAdapter,
+    build_memory,
+    gu_lambda,
+    mix_log_probs,
+    pema_generate,
+    train_pema,
+)
+from slimtune.models import tiny_llama
+
+STOP = 2
+
+
+def owner():
+    return Owner(tiny_llama(seed=0), pad_id=0)
+
+
+def cfg(**kw):
+    kw = {"r": 16, "max_new_tokens": 6, "batch_stage1": 64, "batch_stage2": 32, "epochs_stage1": 3,
+          "epochs_stage2": 3, "eval_every": 2, **kw}  # fmt: skip
+    return make_config("pema", **kw)
+
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+TARGETS = [[20, 21, 22], [23, 24, 25, 26], [27]]
+
+
+def test_head_reproduces_the_owner_logits_from_pre_norm_states():
+    o = owner()
+    head = o.export_head()
+    _, f, logits = o.begin(PROMPTS)
+    torch.testing.assert_close(head.logits(f), logits, atol=1e-4, rtol=1e-4)
+    post = tiny_llama(seed=0).model(input_ids=torch.tensor([PROMPTS[0]])).last_hidden_state[0, -1]
+    assert not torch.allclose(f[0], post)  # f is before the final norm
+
+
+def test_free_running_memory_rows_targets_stay_private_and_keys_are_the_owners_states():
+    o = owner()
+    c = cfg(append_stop_target=True)
+    mem = build_memory(o, PROMPTS, TARGETS, c, STOP)
+    traj = owner().greedy_trajectory(PROMPTS, c.max_new_tokens, {STOP})
+    expected_rows = sum(
+        min(len(t), s.shape[0]) + (1 if s.shape[0] > len(t) else 0) for (s, _), t in zip(traj, TARGETS)
+    )
+    assert mem.keys.shape == (expected_rows, 64) and mem.values.shape == (expected_rows,)
+    assert mem.nbytes() == expected_rows * (64 * 4 + 8)
+    # only the prompts were ever sent to the owner: no gold target id crossed
+    assert o.received == PROMPTS
+    # row t of the first example is the owner's state after its own first t-1 greedy tokens
+    states, own = traj[0]
+    ids = torch.tensor([PROMPTS[0] + own[:1]])
+    ref = Owner(tiny_llama(seed=0), pad_id=0)
+    _, f, _ = ref.begin(ids.tolist())
+    torch.testing.assert_close(mem.keys[1], f[0], atol=1e-5, rtol=1e-5)
+    assert mem.values[: len(TARGETS[0])].tolist() == TARGETS[0][: states.shape[0]]
+    assert ExternalMemory(mem.keys, mem.values).keys is mem.keys
+
+
+def test_teacher_forcing_needs_the_disclosure_flag_and_then_sends_targets():
+    with pytest.raises(ConfigError, match="allow_target_disclosure"):
+        make_config("pema", memory_mode="teacher_forced")
+    o = owner()
+    mem = build_memory(
+        o, PROMPTS, TARGETS, cfg(memory_mode="teacher_forced", allow_target_disclosure=True), STOP
+    )
+    assert o.received == [p + t for p, t in zip(PROMPTS, TARGETS)]
+    assert mem.keys.shape[0] == sum(len(t) + 1 for t in TARGETS)  # + one stop row each
+
+
+def test_data_owner_objects_hold_no_decoder_weights(tmp_path):
+    o = owner()
+    head = o.export_head()
+    c = cfg()
+    mem = build_memory(o, PROMPTS, TARGETS, c, STOP)
+    adapter, _ = train_pema(head, mem, mem, c, log=lambda m: None)
+    reachable = {**head.tensors(), **{f"adapter.{k}": v for k, v in adapter.state_dict().items()},
+                 "memory.keys": mem.keys, "memory.values": mem.values}  # fmt: skip
+    decoder = {tuple(p.shape) for n, p in tiny_llama(seed=0).named_parameters() if ".layers." in n}
+    allowed = {(256, 64), (64,), (16, 64), (64, 16), (), tuple(mem.keys.shape), tuple(mem.values.shape)}
+    for name, t in reachable.items():
+        assert tuple(t.shape) in allowed, name
+    assert not any(tuple(t.shape) in decoder - allowed for t in reachable.values())
+    total = sum(t.numel() for t in reachable.values())
+    assert total <= 256 * 64 + 64 + 3 * 16 * 64 + 1 + mem.keys.numel() + mem.values.numel()
+
+
+def test_two_stages_train_2rd_parameters_each_and_b_rct_is_frozen_in_stage_two(monkeypatch):
+    o = owner()
+    head = o.export_head()
+    c = cfg()
+    mem = build_memory(o, PROMPTS, TARGETS, c, STOP)
+    seen = []
+    original = torch.optim.Adam.__init__
+
+    def spy(self, params, *a, **kw):
+        params = list(params)
+        seen.append(sum(p.numel() for p in params))
+        original(self, params, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", spy)
+    snapshots = {}
+
+    def log(msg):
+        if msg.startswith("stage 2"):
+            snapshots["b_rct"] = adapter_ref[0].pema_B_rct.detach().clone()
+
+    adapter_ref = []
+    from slimtune.methods.pema import data_owner
+
+    real = data_owner.PEMAAdapter
+
+    def capture(*a, **kw):
+        adapter_ref.append(real(*a, **kw))
+        return adapter_ref[0]
+
+    monkeypatch.setattr(data_owner, "PEMAAdapter", capture)
+    adapter, history = train_pema(head, mem, mem, c, log=log)
+    assert seen == [2 * 16 * 64, 2 * 16 * 64]
+    assert torch.equal(adapter.pema_B_rct, snapshots["b_rct"])
+    assert adapter.pema_B_pd.abs().sum() > 0 and history["stage2"]
+
+
+def test_adapter_has_no_residual_and_starts_uniform():
+    c = cfg()
+    a = PEMAAdapter(64, c).eval()
+    head = owner().export_head()
+    x = torch.randn(3, 64)
+    p = torch.softmax(head.logits(a.predict_hidden(x)), -1)
+    torch.testing.assert_close(p, torch.full_like(p, 1 / 256))  # B = 0: P_PEMA uniform
+    with torch.no_grad():
+        a.pema_B_pd.normal_()
+    torch.testing.assert_close(a.predict_hidden(x), (1 / 16) * x @ a.pema_A.t() @ a.pema_B_pd.t())
+
+
+def test_gradual_unrolling_closed_form():
+    lams = [gu_lambda(t, 0.9, 10) for t in range(12)]
+    expected = [0.9] + [(0.9 * (1 - min(t, 9) / 10)) ** 2 for t in range(1, 12)]
+    assert lams == pytest.approx(expected)
+    assert lams[:3] == pytest.approx([0.9, 0.6561, 0.5184]) and lams[-1] == pytest.approx(0.0081)
+
+
+def test_mixture_math_and_exact_endpoints():
+    g = torch.Generator().manual_seed(0)
+    lp1 = torch.log_softmax(torch.randn(4, 50, generator=g), -1)
+    lp2 = torch.log_softmax(torch.randn(4, 50, generator=g), -1)
+    lam = torch.tensor([0.0, 0.3, 0.9, 1.0])
+    mixed = mix_log_probs(lp1, lp2, lam)
+    assert torch.equal(mixed[0], lp1[0]) and torch.equal(mixed[3], lp2[3])
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(4))
+    ref = lam[:, None] * lp2.exp() + (1 - lam[:, None]) * lp1.exp()
+    torch.testing.assert_close(mixed.exp(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_lambda_zero_reproduces_hf_greedy_exactly_and_batching_is_per_sequence():
+    c = cfg(lambda_max=0.0, max_new_tokens=8)
+    a = PEMAAdapter(64, c).eval()
+    with torch.no_grad():
+        a.pema_B_pd.normal_()
+    o = owner()
+    head = o.export_head()
+    got = pema_generate(o, head, a, PROMPTS, [5, 5, 5], c, stop_ids=set(), batch_size=3)
+    model = tiny_llama(seed=0).eval()
+    for p, seq in zip(PROMPTS, got):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert seq == ref[0, len(p) :].tolist()
+    c2 = cfg(lambda_max=0.9, max_new_tokens=8)
+    batched = pema_generate(owner(), head, a, PROMPTS, [3, 7, 5], c2, stop_ids=set(), batch_size=3)
+    single = [
+        pema_generate(owner(), head, a, [p], [h], c2, stop_ids=set())[0] for p, h in zip(PROMPTS, [3, 7, 5])
+    ]
+    assert batched == single
+    assert math.isclose(gu_lambda(0, 0.9, 3), 0.9)
