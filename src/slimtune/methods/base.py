@@ -96,11 +96,17 @@ class Adapted:
         """The tensors that define this method's result (trainable and any method buffers)."""
         return {n: p.detach() for n, p in self.named_trainable_parameters()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
+    def require_complete(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise if ``state`` lacks any tensor this method's ``state_dict`` has."""
         missing = [n for n in self.state_dict() if n not in state]
         if missing:
-            raise KeyError(f"method state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+            raise KeyError(
+                f"method '{self.cfg.name}' state is missing {len(missing)} tensors, e.g. {missing[:3]}"
+            )
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        self.require_complete(state)
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].dtype))

@@ -153,9 +153,7 @@ class MEFTAdapted(Adapted):
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.state_dict() if n not in state]
-        if missing:
-            raise KeyError(f"MEFT state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        self.require_complete(state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state.items():

@@ -72,9 +72,7 @@ class PSTAdapted(Adapted):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         buffers = dict(self.model.named_buffers())
-        missing = [n for n in self.state_dict() if n not in state]
-        if missing:
-            raise KeyError(f"PST state is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        self.require_complete(state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for k, v in state.items():
