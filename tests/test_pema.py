@@ -181,3 +181,38 @@ def test_lambda_zero_reproduces_hf_greedy_exactly_and_batching_is_per_sequence()
     ]
     assert batched == single
     assert math.isclose(gu_lambda(0, 0.9, 3), 0.9)
+
+
+def test_cli_workflow_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, instr_jsonl, capsys):
+    import json
+
+    import yaml
+
+    from slimtune.cli import main
+
+    raw = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(instr_jsonl), "eval_path": str(instr_jsonl), "eval_size": 4},
+        "train": {"output_dir": str(tmp_path / "pema")},
+        "method": {"name": "pema", "r": 8, "max_new_tokens": 4, "epochs_stage1": 1, "epochs_stage2": 2,
+                   "batch_stage1": 16, "batch_stage2": 16, "eval_every": 1},
+    }  # fmt: skip
+    path = tmp_path / "pema.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["pema", "train", str(path)]) == 2  # nothing built yet
+    assert "run `slimtune pema build-memory` first" in capsys.readouterr().err
+    assert main(["train", str(path)]) == 2  # not a single training run
+    assert "two-party workflow" in capsys.readouterr().err
+    assert main(["pema", "build-memory", str(path)]) == 0
+    assert main(["pema", "build-memory", str(path)]) == 2  # never overwrites
+    capsys.readouterr()
+    assert main(["pema", "train", str(path)]) == 0
+    assert main(["pema", "generate", str(path)]) == 0
+    report = json.loads((tmp_path / "pema" / "generate" / "results.json").read_text())
+    assert set(report["results"]) == {"base", "pema_constant", "pema_gu"}
+    summary = json.loads((tmp_path / "pema" / "adapter" / "train.json").read_text())
+    assert summary["trainable_per_stage"] == 2 * 8 * 64
+    raw["train"]["output_dir"] = str(tmp_path / "x-{time}")
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["pema", "build-memory", str(path)]) == 2
+    assert "fixed path" in capsys.readouterr().err

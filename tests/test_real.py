@@ -55,3 +55,44 @@ def test_train_save_reload_equal_logits(method, tmp_path, smol):
         api.export(tmp_path / "run", tmp_path / "merged")
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
         assert torch.allclose(plain(input_ids=ids).logits, a, atol=1e-4)
+
+
+def _fresh_smol():
+    from slimtune import models
+
+    return models.load("smollm2-135m")
+
+
+def test_meft_starts_bit_for_bit_at_smollm2():
+    from slimtune.methods import apply, make_config
+
+    base, tok = _fresh_smol()
+    ids = tok(["A warm, funny film.", "Dull."], return_tensors="pt", padding=True)
+    expected = base.eval()(**ids).logits
+    model, _ = _fresh_smol()
+    a = apply(model, make_config("meft", r=1024, k=64, experts=32, n_probe=8))
+    assert torch.equal(a.model.eval()(**ids).logits, expected)
+
+
+def test_sat_rate_zero_trains_bit_identically_on_smollm2():
+    from slimtune.methods import apply, make_config
+
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    ref, _ = _fresh_smol()
+    ref.train()(input_ids=ids, labels=ids).loss.backward()
+    model, _ = _fresh_smol()
+    a = apply(model, make_config("sat", rate=0.0))
+    a.model.train()(input_ids=ids, labels=ids).loss.backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), a.model.named_parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_pema_head_reproduces_smollm2_logits_from_pre_norm_states():
+    from slimtune.methods.pema import Owner
+
+    model, tok = _fresh_smol()
+    owner = Owner(model, tok.pad_token_id)
+    head = owner.export_head()
+    prompts = [tok("Translate this English text to German: Save").input_ids, tok("Delete").input_ids]
+    _, f, logits = owner.begin(prompts)
+    torch.testing.assert_close(head.logits(f), logits, atol=1e-3, rtol=1e-4)
