@@ -111,7 +111,10 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         C.save_config(cfg, run_dir / RUN_CONFIG)
     n_train = sum(x.numel() for x in p.adapted.trainable_parameters())
-    n_total = sum(x.numel() for x in p.adapted.model.parameters())
+    in_model = {id(x) for x in p.adapted.model.parameters()}
+    n_total = sum(x.numel() for x in p.adapted.model.parameters()) + sum(
+        x.numel() for x in p.adapted.trainable_parameters() if id(x) not in in_model  # e.g. MEFT's host store
+    )
     say(
         f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
         f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}"
