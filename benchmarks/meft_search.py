@@ -14,7 +14,9 @@ import torch
 from slimtune.methods.meft import select_topk
 
 
-def main(tokens: int = 1024, d: int = 576, r: int = 4096, k: int = 64, experts: int = 64, n_probe: int = 8) -> None:
+def main(
+    tokens: int = 1024, d: int = 576, r: int = 4096, k: int = 64, experts: int = 64, n_probe: int = 8
+) -> None:
     g = torch.Generator().manual_seed(0)
     x, keys = torch.randn(tokens, d, generator=g), torch.randn(r, d, generator=g) * 0.04
     router = keys.view(experts, r // experts, d).mean(1) * 50

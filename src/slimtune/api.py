@@ -113,7 +113,9 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     n_train = sum(x.numel() for x in p.adapted.trainable_parameters())
     in_model = {id(x) for x in p.adapted.model.parameters()}
     n_total = sum(x.numel() for x in p.adapted.model.parameters()) + sum(
-        x.numel() for x in p.adapted.trainable_parameters() if id(x) not in in_model  # e.g. MEFT's host store
+        x.numel()
+        for x in p.adapted.trainable_parameters()
+        if id(x) not in in_model  # e.g. MEFT's host store
     )
     say(
         f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
