@@ -34,7 +34,6 @@ class MEFTRun:
         self.cache: dict[int, tuple] = {}
         self.device_bytes = 0  # compute-device adapter bytes of the current step (slices + their gradients)
         self.rows: list[int] = []  # |S| per layer and micro-batch this step
-        self.dots_per_token = 0
 
 
 class MEFTLayer(nn.Module):
@@ -79,7 +78,6 @@ class MEFTLayer(nn.Module):
         cols = torch.searchsorted(s, sel.idx[t_idx, k_idx])
         probe = sel.probe
         self.run.rows.append(int(s.numel()))
-        self.run.dots_per_token = sel.dots_per_token
         return s, ks, vs, rows[t_idx.to(rows.device)], cols, rows, probe
 
     def _grad_hook(self, which: str, s: torch.Tensor, label: str):

@@ -13,7 +13,7 @@ from torch import nn
 from slimtune.errors import UserError
 from slimtune.methods.base import Adapted, TrainerHooks
 from slimtune.methods.pst.config import PSTConfig
-from slimtune.methods.pst.layer import PSTLinear, n_pruned
+from slimtune.methods.pst.layer import PSTLinear
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,3 @@ def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
     adapted.hooks.on_step_end = on_step_end
     adapted.extra_state["sparsity"] = cfg.init_sparsity
     return adapted
-
-
-def expected_zeros(model: nn.Module, sparsity: float) -> int:
-    return sum(n_pruned(m.base_layer.weight.numel(), sparsity) for m in pst_layers(model).values())

@@ -149,6 +149,3 @@ class PSTLinear(nn.Module):
         if self.base_layer.bias is not None:
             out.bias.copy_(self.base_layer.bias)
         return out
-
-    def trainable_count(self) -> int:
-        return sum(p.numel() for n, p in self.named_parameters() if n.startswith("pst_"))
