@@ -357,3 +357,104 @@ def test_activation_metric_reuses_dense_values_with_exact_gradients():
     )  # dense attention: same MLP input
     fwd_bwd(c.model, data)
     assert torch.equal(c.controller.cache[(0, "mlp")], act.topk(64).indices.sort().values)
+
+
+# extension: omit=backward (dense forward, the omitted neurons only skipped in the backward pass)
+def detached_omission_reference():
+    """Dense tiny Llama whose omitted MLP channels / heads add their output with the gradient cut."""
+    ref = tiny_llama(seed=0)
+    mlp_mask = torch.zeros(128)
+    mlp_mask[KEPT_MLP] = 1
+    head_mask = torch.zeros(4, 16)
+    head_mask[KEPT_HEADS] = 1
+    head_mask = head_mask.flatten()
+
+    def split(mask):
+        def hook(m, args, out):
+            x = args[0]
+            return torch.nn.functional.linear(x * mask, m.weight) + torch.nn.functional.linear(
+                x * (1 - mask), m.weight
+            ).detach()
+
+        return hook
+
+    for layer in ref.model.layers:
+        layer.mlp.down_proj.register_forward_hook(split(mlp_mask))
+        layer.self_attn.o_proj.register_forward_hook(split(head_mask))
+    return ref
+
+
+def test_omit_backward_keeps_the_dense_forward_and_cuts_only_the_omitted_gradients():
+    dense, ref = tiny_llama(seed=0), detached_omission_reference()
+    a = make(rate=0.5, omit="backward")
+    for layer in range(2):
+        a.controller.forced[(layer, "mlp")] = KEPT_MLP
+        a.controller.forced[(layer, "attn")] = KEPT_HEADS
+    data = padded_batch()
+    o_dense, o_ref, o_sat = fwd_bwd(dense, data), fwd_bwd(ref, data), fwd_bwd(a.model, data)
+    torch.testing.assert_close(o_sat.logits, o_dense.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o_sat.loss, o_dense.loss, atol=1e-6, rtol=1e-6)
+    g_ref, g_sat = grads(ref), grads(a.model)
+    assert g_ref.keys() == g_sat.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_sat[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    g_dense = grads(dense)
+    assert not torch.allclose(g_sat["model.layers.0.mlp.gate_proj.weight"], g_dense["model.layers.0.mlp.gate_proj.weight"])
+    omitted = torch.ones(128, dtype=torch.bool)
+    omitted[KEPT_MLP] = False
+    for layer in a.model.model.layers:
+        assert layer.mlp.gate_proj.weight.grad[omitted].abs().max() == 0
+        assert layer.mlp.down_proj.weight.grad[:, omitted].abs().max() == 0
+        assert layer.self_attn.q_proj.weight.grad[32:].abs().max() == 0
+        assert layer.self_attn.o_proj.weight.grad[:, 32:].abs().max() == 0
+
+
+@pytest.mark.parametrize("metric", ["activation", "wanda"])
+def test_omit_backward_with_a_scoring_metric_gives_the_dense_loss(metric):
+    dense = tiny_llama(seed=0)
+    a = make(rate=0.5, omit="backward", metric=metric, selection="topk")
+    data = padded_batch()
+    o_dense, o_sat = fwd_bwd(dense, data), fwd_bwd(a.model, data)
+    torch.testing.assert_close(o_sat.logits, o_dense.logits, atol=1e-5, rtol=1e-5)
+    kept = a.controller.cache[(0, "mlp")]
+    assert len(kept) == 64
+    omitted = torch.ones(128, dtype=torch.bool)
+    omitted[kept] = False
+    assert a.model.model.layers[0].mlp.up_proj.weight.grad[omitted].abs().max() == 0
+
+
+def test_dense_label_tokens_run_the_whole_mlp_at_answer_positions():
+    from slimtune.methods.sat.ops import mlp_forward
+
+    data = padded_batch()
+    data["labels"][:, :9] = -100  # only the last positions are answers
+    a = make(rate=0.5, targets=["mlp"], dense_tokens="labels", metric="activation", selection="topk")
+    seen = {}
+    mlp0 = a.model.model.layers[0].mlp
+
+    def keep_first(m, args, out):
+        seen.setdefault("io", (args[0].detach(), out.detach()))
+
+    mlp0.register_forward_hook(keep_first)
+    out = fwd_bwd(a.model, data)
+    dense_pos = a.controller.dense_positions
+    expect = torch.zeros_like(dense_pos)
+    expect[:, :-1] = data["labels"][:, 1:] != -100
+    assert torch.equal(dense_pos, expect) and 0 < dense_pos.sum() < dense_pos.numel()
+    x, y = seen["io"]
+    with torch.no_grad():
+        y_dense = type(mlp0).forward(mlp0, x)
+        y_sliced = mlp_forward(mlp0, x, a.controller.cache[(0, "mlp")])
+    torch.testing.assert_close(y[dense_pos], y_dense[dense_pos], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y[~dense_pos], y_sliced[~dense_pos], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(y[~dense_pos], y_dense[~dense_pos])
+    assert out.loss.isfinite()
+
+
+def test_layer_scale_sets_per_layer_rates_and_zero_keeps_a_layer_dense():
+    a = make(rate=0.5, targets=["mlp"], layer_scale={0: 0.0, 1: 1.5}, metric="magnitude", selection="topk")
+    fwd_bwd(a.model, padded_batch())
+    assert (0, "mlp") not in a.controller.cache  # layer 0 ran its own dense forward
+    assert len(a.controller.cache[(1, "mlp")]) == 128 - 96  # rate 0.75
+    g = a.model.model.layers[0].mlp.gate_proj.weight.grad
+    assert g.abs().sum(1).min() > 0

@@ -190,6 +190,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(args[0])}"
+    if typing.get_origin(tp) is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
@@ -210,6 +212,20 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
             return False, value
         items = [_coerce(v, inner) for v in value]
         return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return False, value
+        out = {}
+        for k, v in value.items():
+            if key_tp is int and isinstance(k, str) and k.strip().isdigit():  # `a.b.3=x` overrides
+                k = int(k)
+            ok_k, k = _coerce(k, key_tp)
+            ok_v, v = _coerce(v, val_tp)
+            if not (ok_k and ok_v):
+                return False, value
+            out[k] = v
+        return True, out
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:

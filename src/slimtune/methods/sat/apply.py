@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from slimtune.data import IGNORE
 from slimtune.errors import UserError
 from slimtune.methods.base import Adapted, TrainerHooks
 from slimtune.methods.sat.config import SATConfig
@@ -21,6 +22,8 @@ from slimtune.methods.sat.ops import (
     attention_forward,
     base_weight,
     mlp_forward,
+    omitted_heads_output,
+    omitted_mlp_output,
     omitted_slices,
     sliced_linear,
 )
@@ -40,6 +43,9 @@ def _is_attention(m: nn.Module) -> bool:
     )
 
 
+MAX_LAYER_RATE = 0.95
+
+
 class SATController:
     """Holds the current omission rate and the kept sets of the current micro-batch (one per layer and kind)."""
 
@@ -48,6 +54,7 @@ class SATController:
         self.step, self.micro = 0, -1
         self.rate = schedule.rate(0, None)
         self.token_mask: torch.Tensor | None = None
+        self.dense_positions: torch.Tensor | None = None  # [batch, tokens] bool: run the whole MLP there
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
         self.forced: dict[tuple[int, str], torch.Tensor] = {}  # fixed kept sets (tests, analysis)
         self.union: dict[tuple[int, str], torch.Tensor] = {}  # kept in any micro-batch of this step
@@ -59,14 +66,24 @@ class SATController:
         self.union.clear()
         self.kept_total = {"mlp": [0, 0], "attn": [0, 0]}
 
-    def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
+    def begin_forward(self, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None) -> None:
         """Called before every top-level training forward: a new micro-batch."""
         self.micro += 1
         self.cache.clear()
         self.token_mask = attention_mask
+        self.dense_positions = None
+        if self.cfg.dense_tokens == "labels" and labels is not None:
+            predicts = torch.zeros_like(labels, dtype=torch.bool)
+            predicts[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+            self.dense_positions = predicts
 
-    def active(self, module: nn.Module, kind: str) -> bool:
-        return module.training and self.rate > 0 and kind in self.cfg.targets
+    def layer_rate(self, layer: int) -> float:
+        """This step's omission rate in ``layer`` (the schedule's rate times the layer's ``layer_scale``)."""
+        scale = self.cfg.layer_scale.get(layer, 1.0)
+        return self.rate if scale == 1.0 else min(self.rate * scale, MAX_LAYER_RATE)
+
+    def active(self, module: nn.Module, kind: str, layer: int) -> bool:
+        return module.training and kind in self.cfg.targets and self.layer_rate(layer) > 0
 
     def _generator(self, layer: int, kind: str) -> torch.Generator:
         key = (((self.cfg.seed * 1_000_003 + self.step) * 10_007 + self.micro) * 1_009 + layer) * 2 + KINDS[
@@ -100,7 +117,7 @@ class SATController:
             floor = self.cfg.min_keep_mlp if kind == "mlp" else self.cfg.min_keep_heads
             idx = choose(
                 s,
-                n_kept(n, self.rate, floor),
+                n_kept(n, self.layer_rate(layer), floor),
                 self.cfg.selection,
                 self._generator(*key),
                 self.cfg.temperature,
@@ -113,10 +130,41 @@ class SATController:
         return idx
 
 
+def _split_tokens_mlp(mlp: nn.Module, layer: int, ctrl: SATController, x: torch.Tensor) -> torch.Tensor:
+    """dense_tokens=labels: the positions that predict a label token through the whole MLP, the others through
+    the kept channels (selected on those other tokens only)."""
+    dense = ctrl.dense_positions.reshape(-1)
+    flat = x.reshape(-1, x.shape[-1])
+    idx_d, idx_s = dense.nonzero().squeeze(1), (~dense).nonzero().squeeze(1)
+    xs = flat.index_select(0, idx_s).unsqueeze(0)
+    mask = ctrl.token_mask
+    sparse_mask = None if mask is None else mask.reshape(-1).index_select(0, idx_s).unsqueeze(0)
+    known = scores = None
+    reuse = ctrl.cfg.metric == "activation"
+    saved, ctrl.token_mask = ctrl.token_mask, sparse_mask
+    try:
+        if reuse and ctrl.needs_scores(layer, "mlp"):
+            with torch.no_grad():
+                known = (sliced_linear(xs, mlp.gate_proj), sliced_linear(xs, mlp.up_proj))
+                scores = activation_scores(mlp.act_fn(known[0]) * known[1], sparse_mask)
+        kept = ctrl.kept(layer, "mlp", mlp, xs, scores)
+    finally:
+        ctrl.token_mask = saved
+    ys = mlp_forward(mlp, xs, kept, known, reuse)
+    if ctrl.cfg.omit == "backward":
+        ys = ys + omitted_mlp_output(mlp, xs, kept, known)
+    ys = ys.squeeze(0)
+    yd = type(mlp).forward(mlp, flat.index_select(0, idx_d))
+    out = flat.new_zeros(flat.shape).index_copy(0, idx_s, ys).index_copy(0, idx_d, yd)
+    return out.reshape(x.shape)
+
+
 def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
     def forward(x):
-        if not ctrl.active(mlp, "mlp"):
+        if not ctrl.active(mlp, "mlp", layer):
             return type(mlp).forward(mlp, x)
+        if ctrl.dense_positions is not None and ctrl.dense_positions.shape == x.shape[:-1]:
+            return _split_tokens_mlp(mlp, layer, ctrl, x)
         known = scores = None
         reuse = ctrl.cfg.metric == "activation"
         if reuse and ctrl.needs_scores(layer, "mlp"):
@@ -125,7 +173,11 @@ def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
             ):  # dense pre-activations: they score the channels and are reused for the kept
                 known = (sliced_linear(x, mlp.gate_proj), sliced_linear(x, mlp.up_proj))
                 scores = activation_scores(mlp.act_fn(known[0]) * known[1], ctrl.token_mask)
-        return mlp_forward(mlp, x, ctrl.kept(layer, "mlp", mlp, x, scores), known, reuse)
+        kept = ctrl.kept(layer, "mlp", mlp, x, scores)
+        y = mlp_forward(mlp, x, kept, known, reuse)
+        if ctrl.cfg.omit == "backward":
+            y = y + omitted_mlp_output(mlp, x, kept, known)
+        return y
 
     mlp.forward = forward
 
@@ -133,11 +185,11 @@ def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
 def _patch_attention(attn: nn.Module, layer: int, ctrl: SATController) -> None:
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cached = past_key_values is not None and past_key_values.get_seq_length(attn.layer_idx) > 0
-        if cached or not ctrl.active(attn, "attn"):
+        if cached or not ctrl.active(attn, "attn", layer):
             return type(attn).forward(
                 attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
             )
-        scores = None
+        scores = out = None
         if ctrl.cfg.metric == "activation" and ctrl.needs_scores(layer, "attn"):
             with torch.no_grad():  # every head's output norm from a dense no-grad attention pass
                 every = torch.arange(
@@ -148,7 +200,12 @@ def _patch_attention(attn: nn.Module, layer: int, ctrl: SATController) -> None:
                     out.unflatten(-1, (len(every), attn.head_dim)).norm(dim=-1), ctrl.token_mask
                 )
         kept = ctrl.kept(layer, "attn", attn, hidden_states, scores)
-        return attention_forward(attn, hidden_states, position_embeddings, attention_mask, kept, **kwargs)
+        y, w = attention_forward(attn, hidden_states, position_embeddings, attention_mask, kept, **kwargs)
+        if ctrl.cfg.omit == "backward":
+            y = y + omitted_heads_output(
+                attn, hidden_states, position_embeddings, attention_mask, kept, out, **kwargs
+            )
+        return y, w
 
     attn.forward = forward
 
@@ -255,7 +312,7 @@ def apply_sat(model: nn.Module, cfg: SATConfig) -> Adapted:
     def pre_forward(module, args, kwargs):
         if module.training:
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            ctrl.begin_forward(mask)
+            ctrl.begin_forward(mask, kwargs.get("labels"))
 
     model._sat_hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
 

@@ -53,6 +53,18 @@ class SATConfig(MethodConfig):
     the base and LoRA matrices sliced together."""
     lora_alpha: float = 32.0
     """LoRA scale numerator (update × lora_alpha / lora_r)."""
+    omit: str = "forward"
+    """forward (SAT: omitted neurons are left out of the forward and the backward pass) | backward (an
+    extension, "sparse backpropagation": the forward is dense, so the loss is the dense model's, and only the
+    backward pass skips the omitted neurons: they get zero gradient and pass none to the layer input)."""
+    dense_tokens: str = "none"
+    """none (SAT: every token uses the kept channels) | labels: positions that predict a label token run the
+    whole MLP, the other tokens the kept channels (as SparseLoRA keeps output tokens dense; an extension of
+    SAT, spec §7). Costs little where answers are short next to their prompts."""
+    layer_scale: dict[int, float] = field(default_factory=dict)
+    """Per-layer multipliers of the omission rate, {layer index: factor}; 0 keeps that layer dense, missing
+    layers use 1. The rate of a layer is min(rate_t × factor, 0.95). An extension of SAT (spec §7: uniform
+    per-layer rates ignore layer sensitivity)."""
     seed: int = 0
     """Seed of the selection (each step, micro-batch, layer and module get their own generator)."""
 
@@ -62,6 +74,8 @@ class SATConfig(MethodConfig):
         out += _choice("metric", self.metric, METRICS)
         out += _choice("selection", self.selection, SELECTIONS)
         out += _choice("schedule", self.schedule, SCHEDULES)
+        out += _choice("omit", self.omit, ("forward", "backward"))
+        out += _choice("dense_tokens", self.dense_tokens, ("none", "labels"))
         out += _choice("optimizer_mask", self.optimizer_mask, ("none", "freeze_omitted"))
         if not 0 <= self.rate < 1:
             out.append(("rate", f"{self.rate!r} must be in [0, 1)"))
@@ -74,6 +88,14 @@ class SATConfig(MethodConfig):
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1]"))
         if self.sparse_frac + self.dense_frac > 1:
             out.append(("dense_frac", "sparse_frac + dense_frac must be <= 1"))
+        if not isinstance(self.layer_scale, dict):
+            out.append(("layer_scale", "must be a mapping {layer index: factor}"))
+        else:
+            for k, v in self.layer_scale.items():
+                if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                    out.append((f"layer_scale.{k}", "keys must be layer indices (integers >= 0)"))
+                elif not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                    out.append((f"layer_scale.{k}", f"{v!r} must be a number >= 0"))
         if self.schedule == "custom":
             from slimtune.methods.sat.schedule import OmissionSchedule
 

@@ -218,3 +218,55 @@ def omitted_slices(
             add(module.k_proj, rows=head_rows(kv_omitted, hd))
             add(module.v_proj, rows=head_rows(kv_omitted, hd))
     return [(p, d, i) for p, d, i in out if p.requires_grad]
+
+
+def complement(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """The sorted indices in range(n) that are not in ``kept``."""
+    keep = torch.zeros(n, dtype=torch.bool, device=kept.device)
+    keep[kept] = True
+    return (~keep).nonzero().squeeze(1)
+
+
+def _input_cols_no_bias(x: torch.Tensor, layer: nn.Module, cols: torch.Tensor) -> torch.Tensor:
+    """What input columns ``cols`` (``x`` holds only those features) add to ``layer``'s output, bias excluded."""
+    base, loras = _lora_parts(layer)
+    y = F.linear(x, base.weight.index_select(1, cols))
+    for a_w, b_w, scale, _ in loras:
+        y = y + F.linear(F.linear(x, a_w.index_select(1, cols)), b_w) * scale
+    return y
+
+
+@torch.no_grad()
+def omitted_mlp_output(
+    mlp: nn.Module, x: torch.Tensor, kept: torch.Tensor, known: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """The omitted channels' share of the MLP output, without grad (omit=backward: dense forward value,
+    gradient only through the kept channels). Reuses the dense gate/up values when the scorer computed them."""
+    omitted = complement(kept, base_weight(mlp.gate_proj).shape[0])
+    if known is not None:
+        gate, up = known[0].index_select(-1, omitted), known[1].index_select(-1, omitted)
+    else:
+        gate, up = sliced_linear(x, mlp.gate_proj, rows=omitted), sliced_linear(x, mlp.up_proj, rows=omitted)
+    return _input_cols_no_bias(mlp.act_fn(gate) * up, mlp.down_proj, omitted)
+
+
+@torch.no_grad()
+def omitted_heads_output(
+    attn: nn.Module,
+    hidden_states,
+    position_embeddings,
+    attention_mask,
+    kept: torch.Tensor,
+    every_out: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The omitted query heads' share of the attention output (after ``o_proj``), without grad.
+    ``every_out``: every head's output before ``o_proj`` when the scorer already computed it."""
+    hd = attn.head_dim
+    omitted = complement(kept, base_weight(attn.q_proj).shape[0] // hd)
+    cols = head_rows(omitted, hd)
+    if every_out is not None:
+        out = every_out.index_select(-1, cols)
+    else:
+        out = attend(attn, hidden_states, position_embeddings, attention_mask, omitted, **kwargs)
+    return _input_cols_no_bias(out, attn.o_proj, cols)
