@@ -106,9 +106,11 @@ def test_schedule_ends_with_exactly_floor_n_s_zeros_per_layer_and_loss_falls():
 
 
 # 3. merge equivalence, plain model, save/load
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_merge_equals_training_model_and_is_a_plain_llama(pattern, tmp_path):
-    a = make(sparsity=0.5, pattern=pattern)
+@pytest.mark.parametrize(
+    "pattern,prior", [("unstructured", "magnitude"), ("2:4", "magnitude"), ("unstructured", "wanda")]
+)
+def test_merge_equals_training_model_and_is_a_plain_llama(pattern, prior, tmp_path):
+    a = make(sparsity=0.5, pattern=pattern, score_prior=prior)
     run_schedule(a, 20)
     data = batch(seed=5)
     a.model.eval()
@@ -222,3 +224,39 @@ def test_interval_reuses_masks_between_refreshes():
     with torch.no_grad():
         layer.pst_R.add_(torch.randn_like(layer.pst_R))
     assert layer.keep_mask() is before
+
+
+# extension: score_prior=wanda (|W_ij| scaled by the rms of input feature j over the training tokens seen)
+def test_wanda_prior_scales_the_magnitude_by_the_input_rms_and_is_checkpointed():
+    a = make(sparsity=0.5, score_prior="wanda")
+    data = batch()
+    seen = {}
+    name, layer = next(iter(pst_layers(a.model).items()))
+    layer.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach().clone()))
+    assert torch.equal(layer.pst_in_scale, torch.ones_like(layer.pst_in_scale))  # before any step: |W|
+    run_schedule(a, 1, data=data)
+    x = seen["x"].reshape(-1, seen["x"].shape[-1])
+    rms = x.pow(2).mean(0).sqrt()
+    torch.testing.assert_close(layer.pst_in_scale, rms / rms.mean(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        w = layer.effective_weight()
+        expect = (
+            w.abs() * layer.pst_in_scale
+            + layer.pst_A @ layer.pst_B
+            + layer.pst_R[:, None]
+            + layer.pst_C[None, :]
+        )
+        torch.testing.assert_close(layer.scores(w), expect)
+    state = a.state_dict()
+    assert f"{name}.pst_in_scale" in state and f"{name}.pst_in_sq" in state
+    run_schedule(a, 5, data=data)
+    a.model.eval()
+    expected = a.model(**data).logits
+    b = make(sparsity=0.5, score_prior="wanda")
+    b.load_state_dict(a.state_dict())
+    b.model.eval()
+    torch.testing.assert_close(b.model(**data).logits, expected, atol=1e-6, rtol=0)
+    # the prior changes which weights are pruned (the statistics of a real input are not uniform)
+    with torch.no_grad():
+        w = layer.effective_weight()
+        assert not torch.equal(topk_mask(w.abs(), 0.5), topk_mask(w.abs() * layer.pst_in_scale, 0.5))

@@ -64,10 +64,15 @@ def sparsity_report(model: nn.Module) -> dict:
     return {"layers": layers, "zeros": zeros, "numel": total, "sparsity": zeros / max(total, 1)}
 
 
+def _is_pst_buffer(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "sparsity" or leaf.startswith("pst_in_")
+
+
 class PSTAdapted(Adapted):
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = super().state_dict()
-        out.update({n: b.detach() for n, b in self.model.named_buffers() if n.endswith(".sparsity")})
+        out.update({n: b.detach() for n, b in self.model.named_buffers() if _is_pst_buffer(n)})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -144,6 +149,8 @@ def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
         refresh = step % cfg.mask_update_interval == 0
         for layer in pst_layers(a.model).values():
             layer.freeze_mask = not refresh
+            if refresh:
+                layer.refresh_prior()
         a.extra_state["sparsity"] = round(s, 6)
 
     def on_step_start(step: int, a: Adapted) -> None:

@@ -44,6 +44,10 @@ class PSTConfig(MethodConfig):
     """Recompute masks every this many optimizer steps (masks are cached while the parameters are unchanged)."""
     extra_trainable: list[str] = field(default_factory=list)
     """Module names (suffix match) trained in full next to PST, e.g. a task head."""
+    score_prior: str = "magnitude"
+    """The data-free term of the score: magnitude (|W|, the paper) | wanda (an extension: |W_ij|·c_j with c_j the
+    root-mean-square of input feature j over the training tokens seen so far, divided by its mean over j so the
+    term keeps |W|'s scale; refreshed after every optimizer step; Sun et al.'s Wanda pruning criterion)."""
     init: str = "reference"
     """reference: U, A ~ N(0, 1); kaiming: kaiming-uniform U, A. V, B, R, C start at 0 either way."""
 
@@ -56,6 +60,7 @@ class PSTConfig(MethodConfig):
     def check(self) -> list[Problem]:
         out = _positive(self, "weight_rank", "score_rank", "mask_update_interval")
         out += _choice("init", self.init, ("reference", "kaiming"))
+        out += _choice("score_prior", self.score_prior, ("magnitude", "wanda"))
         for k in ("sparsity", "init_sparsity"):
             if not 0 <= getattr(self, k) < 1:
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1)"))

@@ -89,6 +89,12 @@ class PSTLinear(nn.Module):
         self.beta, self.alpha1, self.alpha2 = cfg.weight_beta, cfg.alpha_lowrank, cfg.alpha_struct
         self.score_grad_to_weight = cfg.score_grad_to_weight
         self.register_buffer("sparsity", torch.zeros(()))  # current s_t (checkpointed with the module)
+        self.prior = cfg.score_prior
+        if self.prior == "wanda":  # input statistics: Σ x_j² and the token count, and the scale the score uses
+            fkw = {"device": base.weight.device, "dtype": torch.float32}
+            self.register_buffer("pst_in_sq", torch.zeros(k, **fkw))
+            self.register_buffer("pst_in_count", torch.zeros((), **fkw))
+            self.register_buffer("pst_in_scale", torch.ones(k, **fkw))
         self.nm: tuple[int, int] | None = None  # set by the schedule during cool-down when the pattern is N:M
         self.freeze_mask = False  # mask_update_interval > 1: reuse the cached mask between refreshes
         self._cache: tuple[tuple, torch.Tensor] | None = None
@@ -104,7 +110,10 @@ class PSTLinear(nn.Module):
         w = weight if self.score_grad_to_weight else weight.detach()
         dt = torch.promote_types(w.dtype, torch.float32)  # float32 at least (bf16/fp16 scores tie too often)
         struct = self.pst_R[:, None] + self.pst_C[None, :]
-        return w.abs().to(dt) + self.alpha1 * (self.pst_A @ self.pst_B).to(dt) + self.alpha2 * struct.to(dt)
+        prior = w.abs().to(dt)
+        if self.prior == "wanda":
+            prior = prior * self.pst_in_scale.to(dt)[None, :]
+        return prior + self.alpha1 * (self.pst_A @ self.pst_B).to(dt) + self.alpha2 * struct.to(dt)
 
     def _state_key(self) -> tuple:
         return (
@@ -112,6 +121,7 @@ class PSTLinear(nn.Module):
             self.nm,
             self.base_layer.weight._version,
             *(p._version for p in (self.pst_U, self.pst_V, self.pst_A, self.pst_B, self.pst_R, self.pst_C)),
+            self.pst_in_scale._version if self.prior == "wanda" else 0,
         )
 
     def keep_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +146,20 @@ class PSTLinear(nn.Module):
         return (m.to(w.dtype)) * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.prior == "wanda":
+            with torch.no_grad():
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                self.pst_in_sq += (flat * flat).sum(0)
+                self.pst_in_count += flat.shape[0]
         return F.linear(x, self.masked_weight(), self.base_layer.bias)
+
+    @torch.no_grad()
+    def refresh_prior(self) -> None:
+        """score_prior=wanda: scale_j = rms_j / mean(rms) from the input statistics so far (after a step)."""
+        if self.prior != "wanda" or float(self.pst_in_count) == 0:
+            return
+        rms = (self.pst_in_sq / self.pst_in_count).sqrt()
+        self.pst_in_scale.copy_(rms / rms.mean().clamp(min=1e-12))
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:

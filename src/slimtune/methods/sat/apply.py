@@ -245,7 +245,9 @@ class SATAdapted(Adapted):
         from slimtune.methods.sat.stats import speed_limit
 
         base = self.model.get_base_model() if self.cfg.lora_r else self.model
-        return speed_limit(base.config, seq_len, self.controller.rate, self.cfg.targets, self.cfg.metric)
+        return speed_limit(
+            base.config, seq_len, self.controller.rate, self.cfg.targets, self.cfg.metric, self.cfg.omit
+        )
 
     def kept_fractions(self) -> dict[str, float]:
         return {k: (a / b if b else 1.0) for k, (a, b) in self.controller.kept_total.items()}

@@ -52,20 +52,36 @@ def selector_share(shares: dict[str, float], metric: str, targets) -> float:
     return extra
 
 
-def speed_limit(config, seq_len: int, rate: float, targets, metric: str = "wanda") -> dict[str, float]:
-    """FLOP-share limit of SAT's speed-up over dense training at ``rate``, selector cost included."""
+def speed_limit(
+    config, seq_len: int, rate: float, targets, metric: str = "wanda", omit: str = "forward"
+) -> dict[str, float]:
+    """FLOP-share limit of SAT's speed-up over dense training at ``rate``, selector cost included.
+    omit=backward: the forward stays dense, so only the backward's 2/3 of each omitted GEMM is saved (minus,
+    for heads scored by ``activation``, the kept heads' forward that runs again with grad)."""
     shares = flop_shares(config, seq_len)
-    omit = omitted_fractions(config, rate, targets)
-    removed = omit["mlp"] * shares["mlp"] + omit["attn"] * (shares["q_o"] + shares["attn_scores"])
-    if metric == "activation" and "mlp" in targets:
-        # the reused dense gate/up values make the kept channels' gate/up forward free: credit it back
-        removed += (1 - omit["mlp"]) * 2 / 9 * shares["mlp"]
+    omit_frac = omitted_fractions(config, rate, targets)
+    attn_share = shares["q_o"] + shares["attn_scores"]
+    if omit == "backward":
+        removed = omit_frac["mlp"] * 2 / 3 * shares["mlp"]
+        kept_heads = 1 - omit_frac["attn"]
+        extra = 0.0
+        if metric == "activation" and omit_frac["attn"] > 0:  # kept heads' forward again, with grad
+            extra = kept_heads / 3 * attn_share + shares["k_v"] / 3
+        removed += omit_frac["attn"] * 2 / 3 * attn_share - extra
+    else:
+        removed = omit_frac["mlp"] * shares["mlp"] + omit_frac["attn"] * attn_share
+        if metric == "activation" and "mlp" in targets:
+            # the reused dense gate/up values make the kept channels' gate/up forward free: credit it back
+            removed += (1 - omit_frac["mlp"]) * 2 / 9 * shares["mlp"]
     selector = selector_share(shares, metric, targets)
+    if omit == "backward" and metric == "activation":
+        selector = 0.0  # the scoring pass is the dense forward itself (its extra work is counted above)
     return {
         "rate": rate,
         "metric": metric,
-        "omitted_mlp": omit["mlp"],
-        "omitted_heads": omit["attn"],
+        "omit": omit,
+        "omitted_mlp": omit_frac["mlp"],
+        "omitted_heads": omit_frac["attn"],
         "omittable_share": shares["mlp"] * ("mlp" in targets)
         + (shares["q_o"] + shares["attn_scores"]) * ("attn" in targets),
         "selector_share": selector,
