@@ -150,6 +150,15 @@ def test_gradual_unrolling_closed_form():
     assert lams[:3] == pytest.approx([0.9, 0.6561, 0.5184]) and lams[-1] == pytest.approx(0.0081)
 
 
+def test_gu_horizons_use_only_test_time_lengths():
+    from slimtune.methods.pema.workflow import gu_horizons
+
+    assert gu_horizons(cfg(gu_ratio=1.5), [30, 40], [1, 4]) == [2, 6]
+    assert gu_horizons(cfg(gu_ratio=1.5, gu_horizon="prompt_and_source"), [30, 40], [1, 4]) == [32, 46]
+    with pytest.raises(ConfigError, match="gu_horizon"):
+        make_config("pema", gu_horizon="reference")
+
+
 def test_mixture_math_and_exact_endpoints():
     g = torch.Generator().manual_seed(0)
     lp1 = torch.log_softmax(torch.randn(4, 50, generator=g), -1)
@@ -210,6 +219,18 @@ def test_cli_workflow_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, instr
     assert main(["pema", "generate", str(path)]) == 0
     report = json.loads((tmp_path / "pema" / "generate" / "results.json").read_text())
     assert set(report["results"]) == {"base", "pema_constant", "pema_gu"}
+    assert report["split"] == "test" and report["pairs"] == 4
+    assert main(["pema", "generate", str(path)]) == 2  # never overwrites
+    capsys.readouterr()
+    # decoding settings are chosen on the data owner's dev pairs, into a directory of one's choice
+    out = tmp_path / "dev-prompt-horizon"
+    assert main(["pema", "generate", str(path), "method.gu_horizon=prompt_and_source", "--split", "dev",
+                 "--out", str(out)]) == 0  # fmt: skip
+    dev = json.loads((out / "results.json").read_text())
+    assert dev["split"] == "dev" and dev["gu_horizon"] == "prompt_and_source"
+    assert dev["pairs"] == max(1, int(len(instr_jsonl.read_text().splitlines()) * 0.1))
+    assert main(["pema", "train", str(path), "--split", "dev"]) == 2
+    assert "--split and --out belong to" in capsys.readouterr().err
     summary = json.loads((tmp_path / "pema" / "adapter" / "train.json").read_text())
     assert summary["trainable_per_stage"] == 2 * 8 * 64
     raw["train"]["output_dir"] = str(tmp_path / "x-{time}")

@@ -260,3 +260,34 @@ def test_wanda_prior_scales_the_magnitude_by_the_input_rms_and_is_checkpointed()
     with torch.no_grad():
         w = layer.effective_weight()
         assert not torch.equal(topk_mask(w.abs(), 0.5), topk_mask(w.abs() * layer.pst_in_scale, 0.5))
+
+
+# extension: nm_schedule=gradual (N:M-constrained pruning during the ramp: no jump into the cool-down)
+def test_nm_topk_mask_prunes_p_entries_within_the_nm_pattern():
+    from slimtune.methods.pst.layer import nm_topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(24, 32, generator=g)
+    for sp in (0.0, 0.1, 0.29, 0.45, 0.5):
+        keep = nm_topk_mask(s, sp, 2, 4)
+        assert int((~keep).sum()) == n_pruned(s.numel(), sp)
+        assert int((~keep).view(24, 8, 4).sum(-1).max()) <= 2
+    assert torch.equal(nm_topk_mask(s, 0.5, 2, 4), nm_mask(s, 2, 4))
+    # ties: every group gives up its lowest entry before any group gives up a second one
+    const = torch.zeros(4, 8)
+    keep = nm_topk_mask(const, 0.25, 2, 4)
+    assert int((~keep).sum()) == 8 and int((~keep).view(4, 2, 4).sum(-1).max()) == 1
+
+
+def test_gradual_nm_schedule_stays_in_pattern_and_ends_equal_to_the_export():
+    a = make(sparsity=0.5, pattern="2:4", nm_schedule="gradual")
+    _, zeros = run_schedule(a, 20)
+    layers = pst_layers(a.model)
+    expected = sum(n_pruned(m.base_layer.weight.numel(), 0.5) for m in layers.values())
+    assert zeros[-1] == expected and all(x <= y for x, y in zip(zeros, zeros[1:]))
+    for layer in layers.values():
+        k = layer.keep_mask()
+        assert torch.equal(k.view(k.shape[0], -1, 4).sum(-1), torch.full((k.shape[0], k.shape[1] // 4), 2))
+    data = batch(seed=5)
+    a.model.eval()
+    torch.testing.assert_close(a.merge().eval()(**data).logits, a.model(**data).logits, atol=1e-5, rtol=0)

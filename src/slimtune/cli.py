@@ -165,8 +165,12 @@ def cmd_pema(args) -> int:
     from slimtune.methods.pema import workflow
 
     cfg = C.load_config(args.config, args.overrides)
-    step = {"build-memory": workflow.build, "train": workflow.train, "generate": workflow.generate}[args.step]
-    step(cfg)
+    if args.step != "generate" and (args.split != "test" or args.out):
+        raise UserError("--split and --out belong to `slimtune pema generate`")
+    if args.step == "generate":
+        workflow.generate(cfg, split=args.split, out_dir=args.out)
+    else:
+        {"build-memory": workflow.build, "train": workflow.train}[args.step](cfg)
     return 0
 
 
@@ -226,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("step", choices=["build-memory", "train", "generate"])
     pm.add_argument("config", help="CONFIG.yaml with method.name: pema and a fixed train.output_dir")
     pm.add_argument("overrides", nargs="*")
+    pm.add_argument(
+        "--split",
+        choices=["test", "dev"],
+        default="test",
+        help="generate: the held-out test pairs, or the data owner's dev pairs (to choose decoding settings)",
+    )
+    pm.add_argument("--out", help="generate: a new directory for results.json (default: OUTPUT_DIR/generate)")
     pm.set_defaults(fn=cmd_pema)
 
     e = sub.add_parser("export", help="write a merged plain HF model from a run")

@@ -54,6 +54,9 @@ class PEMAConfig(MethodConfig):
     """lambda(0) = lambda_max, lambda(t) = (lambda_max (1 - min(t, L-1)/L))^2 (off: constant lambda_max)."""
     gu_ratio: float = 1.5
     """GU horizon L per sequence = ceil(gu_ratio x source tokens) (never the test reference's length)."""
+    gu_horizon: str = "source"
+    """source: L = ceil(gu_ratio x source tokens) | prompt_and_source: L = prompt tokens + ceil(gu_ratio x source
+    tokens), the test-time analogue of the reference's prompt + reference length."""
     dev_fraction: float = 0.1
     """Share of the training pairs whose memory is used for early stopping."""
     seed: int = 123
@@ -66,6 +69,7 @@ class PEMAConfig(MethodConfig):
         for k in ("dropout", "kappa", "lambda_max", "dev_fraction"):
             if not 0 <= getattr(self, k) <= 1:
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1]"))
+        out += _choice("gu_horizon", self.gu_horizon, ("source", "prompt_and_source"))
         if self.memory_mode == "teacher_forced" and not self.allow_target_disclosure:
             out.append(
                 ("memory_mode", "teacher_forced sends the gold targets to the model owner; set "

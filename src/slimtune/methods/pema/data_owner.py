@@ -98,9 +98,12 @@ def _rct_loss(adapter: PEMAAdapter, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(adapter.reconstruct(x), x * adapter.key_scale)
 
 
+PD_CHUNK = 128
+
+
 def _pd_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # 128-row chunks: the data owner's peak stays small (a chunk of logits is 128 x V floats)
-    return frozen_head_rows_cross_entropy(head.norm(adapter.predict_hidden(x)), head.weight, y, chunk=128)
+    return frozen_head_rows_cross_entropy(head.norm(adapter.predict_hidden(x)), head.weight, y, chunk=PD_CHUNK)
 
 
 def _train(

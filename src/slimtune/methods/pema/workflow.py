@@ -93,6 +93,21 @@ def _pema_cfg(cfg) -> PEMAConfig:
     return cfg.method
 
 
+def _dev_split(train: list[dict], pcfg: PEMAConfig) -> dict[str, list[dict]]:
+    """The data owner's training pairs split into the memory's train and dev parts (seeded, reproducible)."""
+    order = list(range(len(train)))
+    random.Random(pcfg.seed).shuffle(order)
+    n_dev = max(1, int(len(train) * pcfg.dev_fraction))
+    return {"dev": [train[i] for i in order[:n_dev]], "train": [train[i] for i in order[n_dev:]]}
+
+
+def gu_horizons(pcfg: PEMAConfig, prompt_lens: list[int], source_lens: list[int]) -> list[int]:
+    """GU horizon per sequence from what is known at test time: ceil(gu_ratio x source tokens), plus the prompt
+    length when gu_horizon is prompt_and_source (closest to the reference's prompt+reference length)."""
+    extra = prompt_lens if pcfg.gu_horizon == "prompt_and_source" else [0] * len(prompt_lens)
+    return [max(1, e + math.ceil(pcfg.gu_ratio * n)) for e, n in zip(extra, source_lens)]
+
+
 def build(cfg, log=print) -> dict:
     """Owner side (in this process, behind the ``Owner`` API): export the head, build train and dev memories."""
     from slimtune.models import load
@@ -101,11 +116,7 @@ def build(cfg, log=print) -> dict:
     train, _ = _records(cfg)
     model, tok = load(cfg.model.name, cfg.model.dtype)
     owner = Owner(model, tok.pad_token_id if tok.pad_token_id is not None else _stop_id(tok))
-    rng = random.Random(pcfg.seed)
-    order = list(range(len(train)))
-    rng.shuffle(order)
-    n_dev = max(1, int(len(train) * pcfg.dev_fraction))
-    split = {"dev": [train[i] for i in order[:n_dev]], "train": [train[i] for i in order[n_dev:]]}
+    split = _dev_split(train, pcfg)
     out_owner, out_mem = _fresh(root / "owner"), _fresh(root / "memory")
     head = owner.export_head()
     save_file(head.tensors(), str(out_owner / "head.safetensors"), metadata={"eps": str(head.eps)})
@@ -156,8 +167,10 @@ def train(cfg, log=print) -> dict:
     return summary
 
 
-def generate(cfg, log=print) -> dict:
-    """Base greedy, PEMA with constant λ_max, PEMA with Gradual Unrolling, on the held-out pairs."""
+def generate(cfg, log=print, split: str = "test", out_dir: str | None = None) -> dict:
+    """Base greedy, PEMA with constant λ_max, PEMA with Gradual Unrolling, on the held-out pairs (``split``
+    test) or on the data owner's dev pairs (``split`` dev: for choosing decoding settings without the test set).
+    """
     from slimtune.models import load
 
     pcfg, root = _pema_cfg(cfg), _workdir(cfg)
@@ -166,17 +179,19 @@ def generate(cfg, log=print) -> dict:
     adapter = PEMAAdapter(head.weight.shape[1], pcfg)
     adapter.load_state_dict(state)
     adapter.eval()
-    _, test = _records(cfg)
+    train_recs, test = _records(cfg)
+    if split == "dev":
+        test = _dev_split(train_recs, pcfg)["dev"]
     if not test:
         raise UserError("data: no held-out pairs to generate for (use a task or data.eval_path)")
+    out = _fresh(Path(out_dir) if out_dir else root / ("generate" if split == "test" else "generate-dev"))
     model, tok = load(cfg.model.name, cfg.model.dtype)
     stop = _stop_id(tok)
     owner = Owner(model, tok.pad_token_id if tok.pad_token_id is not None else stop)
     prompts = [_encode(tok, r)[0] for r in test]
     src = [len(tok(r.get("input") or r["instruction"], add_special_tokens=False).input_ids) for r in test]
-    horizons = [max(1, math.ceil(pcfg.gu_ratio * n)) for n in src]
+    horizons = gu_horizons(pcfg, [len(p) for p in prompts], src)
     refs = [r["output"] for r in test]
-    out = _fresh(root / "generate")
     results, texts = {}, {}
     for name, kw in (
         ("base", {"adapter": None}),
@@ -192,8 +207,11 @@ def generate(cfg, log=print) -> dict:
     samples = [{"input": r.get("input", ""), "reference": r["output"], **{k: texts[k][i] for k in texts}}
                for i, r in enumerate(test[:5])]  # fmt: skip
     report = {
+        "split": split,
+        "pairs": len(test),
         "lambda_max": pcfg.lambda_max,
         "gu_ratio": pcfg.gu_ratio,
+        "gu_horizon": pcfg.gu_horizon,
         "results": results,
         "samples": samples,
     }

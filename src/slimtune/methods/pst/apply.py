@@ -132,7 +132,9 @@ def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, lin in targets:
-        model.set_submodule(name, PSTLinear(lin, cfg))
+        layer = PSTLinear(lin, cfg)
+        layer.nm_ramp = nm if nm and cfg.nm_schedule == "gradual" else None
+        model.set_submodule(name, layer)
     for name, m in model.named_modules():
         if cfg.extra_trainable and _matches(name, cfg.extra_trainable):
             for p in m.parameters():

@@ -38,6 +38,10 @@ class PSTConfig(MethodConfig):
     """Final fraction of the steps trained at s_f (with the N:M rule when pattern is N:M)."""
     pattern: str = "unstructured"
     """unstructured, or N:M such as 2:4 (N kept of every M consecutive inputs) during cool-down and export."""
+    nm_schedule: str = "switch"
+    """N:M patterns: switch (the spec: unstructured pruning up to the target, the N:M rule from the cool-down
+    on) | gradual (every mask before the cool-down prunes only entries an N:M mask may prune, the lowest
+    scores first, so reaching the target *is* the N:M mask: no jump when the cool-down starts)."""
     score_grad_to_weight: bool = True
     """Let the |W| term of the score send gradient into U, V (the reference's behaviour)."""
     mask_update_interval: int = 1
@@ -60,6 +64,7 @@ class PSTConfig(MethodConfig):
     def check(self) -> list[Problem]:
         out = _positive(self, "weight_rank", "score_rank", "mask_update_interval")
         out += _choice("init", self.init, ("reference", "kaiming"))
+        out += _choice("nm_schedule", self.nm_schedule, ("switch", "gradual"))
         out += _choice("score_prior", self.score_prior, ("magnitude", "wanda"))
         for k in ("sparsity", "init_sparsity"):
             if not 0 <= getattr(self, k) < 1:

@@ -34,10 +34,11 @@ def n_pruned(numel: int, sparsity: float) -> int:
 
 
 @torch.no_grad()
-def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Boolean keep-mask with exactly ``n_pruned(N, sparsity)`` False entries: the lowest scores, ties by index."""
+def topk_mask(scores: torch.Tensor, sparsity: float, p: int | None = None) -> torch.Tensor:
+    """Boolean keep-mask with exactly ``n_pruned(N, sparsity)`` (or ``p``) False entries: the lowest scores, ties
+    by index."""
     flat = scores.detach().float().flatten()
-    p = n_pruned(flat.numel(), sparsity)
+    p = n_pruned(flat.numel(), sparsity) if p is None else p
     keep = torch.ones_like(flat, dtype=torch.bool)
     if p == 0:
         return keep.view_as(scores)
@@ -47,6 +48,26 @@ def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     still = p - int((flat < thr).sum())  # how many of the tied entries must go
     keep[ties[still:]] = True
     return keep.view_as(scores)
+
+
+@torch.no_grad()
+def nm_topk_mask(scores: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Tensor:
+    """Boolean keep-mask pruning exactly ``n_pruned(N, sparsity)`` entries, the lowest scores among the m − n
+    lowest of every m consecutive inputs (ties by position): at sparsity (m − n)/m it is the N:M mask, and below
+    it the pruning only ever moves towards that pattern (``nm_schedule: gradual``)."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M sparsity needs in_features divisible by {m}, got {cols}")
+    groups = scores.detach().float().view(rows, cols // m, m)
+    low, order = torch.sort(groups, dim=-1, stable=True)
+    cand, cand_pos = low[..., : m - n], order[..., : m - n]  # the only entries an N:M mask may prune
+    p = min(n_pruned(scores.numel(), sparsity), cand.numel())
+    # ties: a group's lowest before any group's second lowest, then by position (rank-major order)
+    by_rank = cand.permute(2, 0, 1).reshape(-1)
+    pruned = ~topk_mask(by_rank, 0.0, p=p).view(m - n, rows, cols // m).permute(1, 2, 0)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, cand_pos, ~pruned)
+    return keep.view(rows, cols)
 
 
 @torch.no_grad()
@@ -96,6 +117,7 @@ class PSTLinear(nn.Module):
             self.register_buffer("pst_in_count", torch.zeros((), **fkw))
             self.register_buffer("pst_in_scale", torch.ones(k, **fkw))
         self.nm: tuple[int, int] | None = None  # set by the schedule during cool-down when the pattern is N:M
+        self.nm_ramp: tuple[int, int] | None = None  # nm_schedule gradual: N:M-constrained pruning before it
         self.freeze_mask = False  # mask_update_interval > 1: reuse the cached mask between refreshes
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -134,7 +156,12 @@ class PSTLinear(nn.Module):
         if scores is None:
             with torch.no_grad():
                 scores = self.scores(self.effective_weight())
-        mask = nm_mask(scores, *self.nm) if self.nm else topk_mask(scores, float(self.sparsity))
+        if self.nm:
+            mask = nm_mask(scores, *self.nm)
+        elif self.nm_ramp:
+            mask = nm_topk_mask(scores, float(self.sparsity), *self.nm_ramp)
+        else:
+            mask = topk_mask(scores, float(self.sparsity))
         self._cache = (key, mask)
         return mask
 
