@@ -33,3 +33,14 @@ def test_traffic_counter_is_part_of_the_contract():
     a.traffic.add("d2h", "layer1", 512)
     assert a.traffic.totals() == {"h2d": 2048, "d2h": 512}
     assert memory.peak_rss_bytes() > 0
+
+
+def test_runtime_rss_is_the_current_footprint_below_the_peak():
+    from slimtune import memory
+
+    runtime = memory.runtime_rss_bytes()
+    slack = 4 * 1024 * 1024  # getrusage's peak trails /proc's current RSS by a few pages
+    assert 50e6 < runtime <= memory.peak_rss_bytes() + slack
+    big = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    assert memory.current_rss_bytes() >= runtime + 60 * 1024 * 1024
+    del big

@@ -148,6 +148,10 @@ def test_gradual_unrolling_closed_form():
     expected = [0.9] + [(0.9 * (1 - min(t, 9) / 10)) ** 2 for t in range(1, 12)]
     assert lams == pytest.approx(expected)
     assert lams[:3] == pytest.approx([0.9, 0.6561, 0.5184]) and lams[-1] == pytest.approx(0.0081)
+    # the reference's minimum share p: λ = (1 − p/100) c² + p/100 (spec §4), e.g. p = 25 %
+    floor = [gu_lambda(t, 0.9, 10, 0.25) for t in range(12)]
+    assert floor[0] == 0.9 and floor[1] == pytest.approx(0.75 * 0.6561 + 0.25)
+    assert floor[-1] == pytest.approx(0.75 * 0.0081 + 0.25)
 
 
 def test_gu_horizons_use_only_test_time_lengths():

@@ -110,7 +110,7 @@ def test_schedule_ends_with_exactly_floor_n_s_zeros_per_layer_and_loss_falls():
     "pattern,prior", [("unstructured", "magnitude"), ("2:4", "magnitude"), ("unstructured", "wanda")]
 )
 def test_merge_equals_training_model_and_is_a_plain_llama(pattern, prior, tmp_path):
-    a = make(sparsity=0.5, pattern=pattern, score_prior=prior)
+    a = make(sparsity=0.5, pattern=pattern, score_prior=prior, nm_schedule="switch")
     run_schedule(a, 20)
     data = batch(seed=5)
     a.model.eval()

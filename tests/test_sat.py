@@ -372,9 +372,10 @@ def detached_omission_reference():
     def split(mask):
         def hook(m, args, out):
             x = args[0]
-            return torch.nn.functional.linear(x * mask, m.weight) + torch.nn.functional.linear(
-                x * (1 - mask), m.weight
-            ).detach()
+            return (
+                torch.nn.functional.linear(x * mask, m.weight)
+                + torch.nn.functional.linear(x * (1 - mask), m.weight).detach()
+            )
 
         return hook
 
@@ -392,6 +393,9 @@ def test_omit_backward_keeps_the_dense_forward_and_cuts_only_the_omitted_gradien
         a.controller.forced[(layer, "attn")] = KEPT_HEADS
     data = padded_batch()
     o_dense, o_ref, o_sat = fwd_bwd(dense, data), fwd_bwd(ref, data), fwd_bwd(a.model, data)
+    torch.testing.assert_close(
+        o_ref.logits, o_dense.logits, atol=1e-5, rtol=1e-5
+    )  # the reference is dense too
     torch.testing.assert_close(o_sat.logits, o_dense.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o_sat.loss, o_dense.loss, atol=1e-6, rtol=1e-6)
     g_ref, g_sat = grads(ref), grads(a.model)
@@ -399,7 +403,9 @@ def test_omit_backward_keeps_the_dense_forward_and_cuts_only_the_omitted_gradien
     for n in g_ref:
         torch.testing.assert_close(g_sat[n], g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
     g_dense = grads(dense)
-    assert not torch.allclose(g_sat["model.layers.0.mlp.gate_proj.weight"], g_dense["model.layers.0.mlp.gate_proj.weight"])
+    assert not torch.allclose(
+        g_sat["model.layers.0.mlp.gate_proj.weight"], g_dense["model.layers.0.mlp.gate_proj.weight"]
+    )
     omitted = torch.ones(128, dtype=torch.bool)
     omitted[KEPT_MLP] = False
     for layer in a.model.model.layers:

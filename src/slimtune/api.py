@@ -105,6 +105,9 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     t0 = time.perf_counter()
     run_dir = resume_dir if resume_dir is not None else _shared_run_dir(cfg, state)
     task = get_task(cfg.data.task) if cfg.data.task else None
+    peft_based = cfg.method.name in ("lora", "qlora") or getattr(cfg.method, "lora_r", 0) > 0
+    # before the model exists: what any job in this process carries (with the libraries the method imports)
+    runtime = memory.runtime_rss_bytes(("peft",) if peft_based else ())
     p = prepare(cfg)
     train_data, eval_data, eval_records, fmt = load_split(cfg.data, p.tok)
     if main:
@@ -154,6 +157,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         "total_wall_s": time.perf_counter() - t0,
         "tokens": result.tokens,
         "peak_bytes": result.peak_bytes,
+        "runtime_rss_bytes": runtime,
         "trainable_params": n_train,
         "total_params": n_total,
         "memory_by_role": mem,

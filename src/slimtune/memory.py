@@ -65,6 +65,33 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set size now (bytes; Linux /proc, else the peak as an upper bound)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def runtime_rss_bytes(preload: tuple[str, ...] = ()) -> int:
+    """The RSS a training process carries before holding any model or data: Python, the imported libraries and
+    the code paths they load lazily on first use (autograd, a matmul, an Adam/AdamW step), exercised here on a
+    one-element problem. Peak RSS minus this is the memory a CPU job's own tensors and buffers needed (the CPU
+    analogue of CUDA's max_memory_allocated). ``preload``: modules the job imports anyway (e.g. peft)."""
+    import importlib
+
+    for name in preload:
+        importlib.import_module(name)
+    w = torch.zeros(4, 4, requires_grad=True)
+    (w @ w).sum().backward()
+    for opt in (torch.optim.Adam([w]), torch.optim.AdamW([w])):
+        opt.step()
+    return current_rss_bytes()
+
+
 def device_peak_bytes(device: torch.device) -> int:
     """The peak that matters: CUDA max allocated on a GPU, peak RSS on CPU."""
     if device.type == "cuda":

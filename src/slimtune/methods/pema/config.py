@@ -54,6 +54,9 @@ class PEMAConfig(MethodConfig):
     """lambda(0) = lambda_max, lambda(t) = (lambda_max (1 - min(t, L-1)/L))^2 (off: constant lambda_max)."""
     gu_ratio: float = 1.5
     """GU horizon L per sequence = ceil(gu_ratio x source tokens) (never the test reference's length)."""
+    gu_min: float = 0.0
+    """GU's minimum share m (the reference CLI's percentage / 100; 0 in the paper): lambda(t) = (1 - m) c_t^2 + m,
+    so PEMA keeps at least this weight (and its stop signal) late in long outputs."""
     gu_horizon: str = "source"
     """source: L = ceil(gu_ratio x source tokens) | prompt_and_source: L = prompt tokens + ceil(gu_ratio x source
     tokens), the test-time analogue of the reference's prompt + reference length."""
@@ -66,7 +69,7 @@ class PEMAConfig(MethodConfig):
         out = _positive(self, "r", "alpha", "lr", "batch_stage1", "batch_stage2", "eval_every", "gu_ratio")
         out += _positive(self, "epochs_stage1", "epochs_stage2", "max_new_tokens")
         out += _choice("memory_mode", self.memory_mode, ("free_running", "teacher_forced"))
-        for k in ("dropout", "kappa", "lambda_max", "dev_fraction"):
+        for k in ("dropout", "kappa", "lambda_max", "dev_fraction", "gu_min"):
             if not 0 <= getattr(self, k) <= 1:
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1]"))
         out += _choice("gu_horizon", self.gu_horizon, ("source", "prompt_and_source"))

@@ -98,12 +98,13 @@ def _rct_loss(adapter: PEMAAdapter, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(adapter.reconstruct(x), x * adapter.key_scale)
 
 
-PD_CHUNK = 128
+PD_CHUNK = 32  # rows per logits block: 32 x 49,152 fp32 = 6 MB, the data owner's peak stays small
 
 
 def _pd_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # 128-row chunks: the data owner's peak stays small (a chunk of logits is 128 x V floats)
-    return frozen_head_rows_cross_entropy(head.norm(adapter.predict_hidden(x)), head.weight, y, chunk=PD_CHUNK)
+    return frozen_head_rows_cross_entropy(
+        head.norm(adapter.predict_hidden(x)), head.weight, y, chunk=PD_CHUNK
+    )
 
 
 def _train(
@@ -165,11 +166,12 @@ def train_pema(
     return a, {"stage1": h1, "stage2": h2}
 
 
-def gu_lambda(t: int, lambda_max: float, horizon: int) -> float:
-    """Gradual Unrolling: λ(0) = λ_max, λ(t) = (λ_max (1 − min(t, L−1)/L))² for t ≥ 1 (per sequence)."""
+def gu_lambda(t: int, lambda_max: float, horizon: int, minimum: float = 0.0) -> float:
+    """Gradual Unrolling: λ(0) = λ_max, λ(t) = (1 − m)(λ_max (1 − min(t, L−1)/L))² + m for t ≥ 1 (per
+    sequence); m is the reference's minimum share (0 in the paper)."""
     if t == 0:
         return lambda_max
-    return (lambda_max * (1 - min(t, horizon - 1) / horizon)) ** 2
+    return (1 - minimum) * (lambda_max * (1 - min(t, horizon - 1) / horizon)) ** 2 + minimum
 
 
 def mix_log_probs(lp_lm: torch.Tensor, lp_pema: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -207,7 +209,7 @@ def pema_generate(
                 if constant_lambda is not None:
                     lam = torch.full((len(p),), constant_lambda)
                 else:
-                    lam = torch.tensor([gu_lambda(t, cfg.lambda_max, h) for h in hz])
+                    lam = torch.tensor([gu_lambda(t, cfg.lambda_max, h, cfg.gu_min) for h in hz])
                 if bool((lam > 0).any()):
                     lp_pema = torch.log_softmax(head.logits(adapter.predict_hidden(f.float().cpu())), dim=-1)
                     lp = mix_log_probs(lp.cpu(), lp_pema, lam)

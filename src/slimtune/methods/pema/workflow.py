@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from slimtune.errors import UserError
-from slimtune.memory import peak_rss_bytes
+from slimtune.memory import peak_rss_bytes, runtime_rss_bytes
 from slimtune.methods.pema.config import PEMAConfig
 from slimtune.methods.pema.data_owner import (
     ExternalMemory,
@@ -148,6 +148,7 @@ def load_head(root: Path) -> HeadBundle:
 def train(cfg, log=print) -> dict:
     """Data-owner side: no model is loaded; the head, the memory and the adapter are all this process holds."""
     pcfg, root = _pema_cfg(cfg), _workdir(cfg)
+    runtime = runtime_rss_bytes()  # before the head and the memory are loaded
     head = load_head(root)
     mem = _need(root / "memory", "build-memory")
     tr, dev = ExternalMemory.load(mem / "train.safetensors"), ExternalMemory.load(mem / "dev.safetensors")
@@ -160,10 +161,14 @@ def train(cfg, log=print) -> dict:
         "rows": int(tr.keys.shape[0]),
         "seconds": round(time.perf_counter() - t0, 1),
         "peak_rss_bytes": peak_rss_bytes(),
+        "runtime_rss_bytes": runtime,
         "history": history,
     }
     (out / "train.json").write_text(json.dumps(summary, indent=2))
-    log(f"pema: trained in {summary['seconds']} s, peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB")
+    log(
+        f"pema: trained in {summary['seconds']} s, peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB "
+        f"({(summary['peak_rss_bytes'] - runtime) / 1e6:.0f} MB above the {runtime / 1e6:.0f} MB runtime)"
+    )
     return summary
 
 

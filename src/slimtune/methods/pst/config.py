@@ -38,10 +38,11 @@ class PSTConfig(MethodConfig):
     """Final fraction of the steps trained at s_f (with the N:M rule when pattern is N:M)."""
     pattern: str = "unstructured"
     """unstructured, or N:M such as 2:4 (N kept of every M consecutive inputs) during cool-down and export."""
-    nm_schedule: str = "switch"
-    """N:M patterns: switch (the spec: unstructured pruning up to the target, the N:M rule from the cool-down
-    on) | gradual (every mask before the cool-down prunes only entries an N:M mask may prune, the lowest
-    scores first, so reaching the target *is* the N:M mask: no jump when the cool-down starts)."""
+    nm_schedule: str = "gradual"
+    """N:M patterns: gradual (every mask before the cool-down prunes only entries an N:M mask may prune, the
+    lowest scores first, so reaching the target *is* the N:M mask: no jump when the cool-down starts) | switch
+    (the spec's recipe: unstructured pruning up to the target, the N:M rule from the cool-down on; measured
+    worse on SmolLM2, docs/methods/pst.md)."""
     score_grad_to_weight: bool = True
     """Let the |W| term of the score send gradient into U, V (the reference's behaviour)."""
     mask_update_interval: int = 1

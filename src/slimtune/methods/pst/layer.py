@@ -111,7 +111,9 @@ class PSTLinear(nn.Module):
         self.score_grad_to_weight = cfg.score_grad_to_weight
         self.register_buffer("sparsity", torch.zeros(()))  # current s_t (checkpointed with the module)
         self.prior = cfg.score_prior
-        if self.prior == "wanda":  # input statistics: Σ x_j² and the token count, and the scale the score uses
+        if (
+            self.prior == "wanda"
+        ):  # input statistics: Σ x_j² and the token count, and the scale the score uses
             fkw = {"device": base.weight.device, "dtype": torch.float32}
             self.register_buffer("pst_in_sq", torch.zeros(k, **fkw))
             self.register_buffer("pst_in_count", torch.zeros((), **fkw))
