@@ -98,7 +98,7 @@ def _rct_loss(adapter: PEMAAdapter, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(adapter.reconstruct(x), x * adapter.key_scale)
 
 
-PD_CHUNK = 32  # rows per logits block: 32 x 49,152 fp32 = 6 MB, the data owner's peak stays small
+PD_CHUNK = 128  # rows per logits block (128 x 49,152 fp32 = 25 MB); smaller blocks re-read the head more often: slower
 
 
 def _pd_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
