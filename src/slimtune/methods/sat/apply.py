@@ -130,30 +130,39 @@ class SATController:
         return idx
 
 
+def _sliced_mlp(
+    mlp: nn.Module, layer: int, ctrl: SATController, x: torch.Tensor, token_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The MLP through this micro-batch's kept channels, scored on the tokens of ``x`` that ``token_mask`` marks
+    (with omit=backward, plus the omitted channels' output without grad)."""
+    known = scores = None
+    reuse = ctrl.cfg.metric == "activation"
+    saved, ctrl.token_mask = ctrl.token_mask, token_mask
+    try:
+        if reuse and ctrl.needs_scores(layer, "mlp"):
+            with (
+                torch.no_grad()
+            ):  # dense pre-activations: they score the channels and are reused for the kept
+                known = (sliced_linear(x, mlp.gate_proj), sliced_linear(x, mlp.up_proj))
+                scores = activation_scores(mlp.act_fn(known[0]) * known[1], token_mask)
+        kept = ctrl.kept(layer, "mlp", mlp, x, scores)
+    finally:
+        ctrl.token_mask = saved
+    y = mlp_forward(mlp, x, kept, known, reuse)
+    if ctrl.cfg.omit == "backward":
+        y = y + omitted_mlp_output(mlp, x, kept, known)
+    return y
+
+
 def _split_tokens_mlp(mlp: nn.Module, layer: int, ctrl: SATController, x: torch.Tensor) -> torch.Tensor:
     """dense_tokens=labels: the positions that predict a label token through the whole MLP, the others through
     the kept channels (selected on those other tokens only)."""
     dense = ctrl.dense_positions.reshape(-1)
     flat = x.reshape(-1, x.shape[-1])
     idx_d, idx_s = dense.nonzero().squeeze(1), (~dense).nonzero().squeeze(1)
-    xs = flat.index_select(0, idx_s).unsqueeze(0)
     mask = ctrl.token_mask
     sparse_mask = None if mask is None else mask.reshape(-1).index_select(0, idx_s).unsqueeze(0)
-    known = scores = None
-    reuse = ctrl.cfg.metric == "activation"
-    saved, ctrl.token_mask = ctrl.token_mask, sparse_mask
-    try:
-        if reuse and ctrl.needs_scores(layer, "mlp"):
-            with torch.no_grad():
-                known = (sliced_linear(xs, mlp.gate_proj), sliced_linear(xs, mlp.up_proj))
-                scores = activation_scores(mlp.act_fn(known[0]) * known[1], sparse_mask)
-        kept = ctrl.kept(layer, "mlp", mlp, xs, scores)
-    finally:
-        ctrl.token_mask = saved
-    ys = mlp_forward(mlp, xs, kept, known, reuse)
-    if ctrl.cfg.omit == "backward":
-        ys = ys + omitted_mlp_output(mlp, xs, kept, known)
-    ys = ys.squeeze(0)
+    ys = _sliced_mlp(mlp, layer, ctrl, flat.index_select(0, idx_s).unsqueeze(0), sparse_mask).squeeze(0)
     yd = type(mlp).forward(mlp, flat.index_select(0, idx_d))
     out = flat.new_zeros(flat.shape).index_copy(0, idx_s, ys).index_copy(0, idx_d, yd)
     return out.reshape(x.shape)
@@ -165,19 +174,7 @@ def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
             return type(mlp).forward(mlp, x)
         if ctrl.dense_positions is not None and ctrl.dense_positions.shape == x.shape[:-1]:
             return _split_tokens_mlp(mlp, layer, ctrl, x)
-        known = scores = None
-        reuse = ctrl.cfg.metric == "activation"
-        if reuse and ctrl.needs_scores(layer, "mlp"):
-            with (
-                torch.no_grad()
-            ):  # dense pre-activations: they score the channels and are reused for the kept
-                known = (sliced_linear(x, mlp.gate_proj), sliced_linear(x, mlp.up_proj))
-                scores = activation_scores(mlp.act_fn(known[0]) * known[1], ctrl.token_mask)
-        kept = ctrl.kept(layer, "mlp", mlp, x, scores)
-        y = mlp_forward(mlp, x, kept, known, reuse)
-        if ctrl.cfg.omit == "backward":
-            y = y + omitted_mlp_output(mlp, x, kept, known)
-        return y
+        return _sliced_mlp(mlp, layer, ctrl, x, ctrl.token_mask)
 
     mlp.forward = forward
 
