@@ -15,7 +15,10 @@ receives M ⊙ G plus, through |W| in S, sign(W) ⊙ G ⊙ W (``score_grad_to_we
 exists: only U, V, A, B, R, C are parameters.
 
 The mask is found with ``kthvalue`` on float32 scores under no_grad and cached while the layer's parameters are
-unchanged (``Tensor._version``): once per optimizer step in training, once in eval. Ties at the threshold are
+unchanged (``Tensor._version``): once per optimizer step in training, once in eval.
+
+Options beyond the paper: ``score_prior: wanda`` scales |W| column-wise by the inputs' RMS (statistics kept as
+buffers); ``nm_schedule: gradual`` keeps every mask of the ramp inside the N:M pattern (``nm_topk_mask``). Ties at the threshold are
 broken by position (lower flat index pruned first), so exactly p entries are pruned, deterministically.
 """
 
@@ -111,9 +114,8 @@ class PSTLinear(nn.Module):
         self.score_grad_to_weight = cfg.score_grad_to_weight
         self.register_buffer("sparsity", torch.zeros(()))  # current s_t (checkpointed with the module)
         self.prior = cfg.score_prior
-        if (
-            self.prior == "wanda"
-        ):  # input statistics: Σ x_j² and the token count, and the scale the score uses
+        if self.prior == "wanda":
+            # input statistics: Σ x_j² and the token count, and the scale the score uses
             fkw = {"device": base.weight.device, "dtype": torch.float32}
             self.register_buffer("pst_in_sq", torch.zeros(k, **fkw))
             self.register_buffer("pst_in_count", torch.zeros((), **fkw))
