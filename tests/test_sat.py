@@ -68,18 +68,22 @@ KEPT_MLP = torch.tensor([0, 3, 5, 17, 40, 64, 99, 127])
 KEPT_HEADS = torch.tensor([0, 1])  # both heads of KV group 0: group 1's k/v rows are unused
 
 
+def kept_input_masks() -> tuple[torch.Tensor, torch.Tensor]:
+    """1/0 over the inputs of down_proj (MLP channels) and o_proj (head columns) for KEPT_MLP / KEPT_HEADS."""
+    mlp_mask = torch.zeros(128)
+    mlp_mask[KEPT_MLP] = 1
+    head_mask = torch.zeros(4, 16)
+    head_mask[KEPT_HEADS] = 1
+    return mlp_mask, head_mask.flatten()
+
+
 def masked_reference():
     """Dense tiny Llama whose omitted MLP channels and head outputs are zeroed before down_proj / o_proj."""
     ref = tiny_llama(seed=0)
-    mlp_mask = torch.zeros(128)
-    mlp_mask[KEPT_MLP] = 1
-    head_mask = torch.zeros(4, 1)
-    head_mask[KEPT_HEADS] = 1
+    mlp_mask, head_mask = kept_input_masks()
     for layer in ref.model.layers:
         layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * mlp_mask,))
-        layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, a: ((a[0].unflatten(-1, (4, 16)) * head_mask).flatten(-2),)
-        )
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: (a[0] * head_mask,))
     return ref
 
 
@@ -363,11 +367,7 @@ def test_activation_metric_reuses_dense_values_with_exact_gradients():
 def detached_omission_reference():
     """Dense tiny Llama whose omitted MLP channels / heads add their output with the gradient cut."""
     ref = tiny_llama(seed=0)
-    mlp_mask = torch.zeros(128)
-    mlp_mask[KEPT_MLP] = 1
-    head_mask = torch.zeros(4, 16)
-    head_mask[KEPT_HEADS] = 1
-    head_mask = head_mask.flatten()
+    mlp_mask, head_mask = kept_input_masks()
 
     def split(mask):
         def hook(m, args, out):
