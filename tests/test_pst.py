@@ -107,10 +107,16 @@ def test_schedule_ends_with_exactly_floor_n_s_zeros_per_layer_and_loss_falls():
 
 # 3. merge equivalence, plain model, save/load
 @pytest.mark.parametrize(
-    "pattern,prior", [("unstructured", "magnitude"), ("2:4", "magnitude"), ("unstructured", "wanda")]
+    "pattern,prior,scope",
+    [
+        ("unstructured", "magnitude", "local"),
+        ("2:4", "magnitude", "local"),
+        ("unstructured", "wanda", "local"),
+        ("unstructured", "wanda", "row"),
+    ],
 )
-def test_merge_equals_training_model_and_is_a_plain_llama(pattern, prior, tmp_path):
-    a = make(sparsity=0.5, pattern=pattern, score_prior=prior, nm_schedule="switch")
+def test_merge_equals_training_model_and_is_a_plain_llama(pattern, prior, scope, tmp_path):
+    a = make(sparsity=0.5, pattern=pattern, score_prior=prior, nm_schedule="switch", scope=scope)
     run_schedule(a, 20)
     data = batch(seed=5)
     a.model.eval()
@@ -291,3 +297,39 @@ def test_gradual_nm_schedule_stays_in_pattern_and_ends_equal_to_the_export():
     data = batch(seed=5)
     a.model.eval()
     torch.testing.assert_close(a.merge().eval()(**data).logits, a.model(**data).logits, atol=1e-5, rtol=0)
+
+
+# extension: scope=row (each output row ranked on its own, Wanda's per-output comparison group)
+def test_row_topk_mask_prunes_exactly_p_spread_over_rows():
+    from slimtune.methods.pst.layer import row_topk_mask
+
+    g = torch.Generator().manual_seed(0)
+    for rows, cols, sp in ((16, 24, 0.5), (7, 10, 0.29), (5, 3, 0.5), (9, 13, 0.9), (4, 4, 0.0)):
+        s = torch.randn(rows, cols, generator=g).round(decimals=1)  # ties
+        keep = row_topk_mask(s, sp)
+        assert torch.equal(keep, row_topk_mask(s.clone(), sp))
+        per_row = (~keep).sum(1)
+        assert int(per_row.sum()) == n_pruned(rows * cols, sp)
+        assert int(per_row.max() - per_row.min()) <= 1 and int(per_row.min()) == min(
+            n_pruned(cols, sp), n_pruned(rows * cols, sp) // rows
+        )
+        for r in range(rows):  # within a row, pruned scores never exceed kept ones
+            if 0 < int(per_row[r]) < cols:
+                assert s[r][~keep[r]].max() <= s[r][keep[r]].min()
+    # ties: lower column first; the left-over entries go to the lowest rows in order
+    keep = row_topk_mask(torch.zeros(4, 6), 0.3)  # p = 7: one per row, then 3 more
+    assert (~keep).int().tolist() == [[1, 1, 0, 0, 0, 0]] * 3 + [[1, 0, 0, 0, 0, 0]]
+
+
+def test_row_scope_schedule_ends_at_the_per_row_count_and_is_checked():
+    a = make(sparsity=0.5, scope="row", score_prior="wanda")
+    run_schedule(a, 20)
+    for name, layer in pst_layers(a.model).items():
+        keep = layer.keep_mask()
+        n, k = keep.shape
+        assert int((~keep).sum()) == n_pruned(n * k, 0.5), name
+        assert torch.equal((~keep).sum(1), torch.full((n,), k // 2)), name
+    with pytest.raises(ConfigError, match="scope: 'row' applies to unstructured"):
+        make_config("pst", scope="row", pattern="2:4")
+    with pytest.raises(ConfigError, match="scope: 'global' is not one of local, row"):
+        make_config("pst", scope="global")

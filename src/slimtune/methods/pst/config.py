@@ -43,6 +43,11 @@ class PSTConfig(MethodConfig):
     lowest scores first, so reaching the target *is* the N:M mask: no jump when the cool-down starts) | switch
     (the spec's recipe: unstructured pruning up to the target, the N:M rule from the cool-down on; measured
     worse on SmolLM2, docs/methods/pst.md)."""
+    scope: str = "local"
+    """Which scores compete for the p = floor(n·k·s) pruned entries of a layer: local (the whole layer, the paper)
+    | row (an extension: each output row loses floor(k·s), the < n left over go to the rows whose next score is
+    lowest — Wanda's per-output comparison group; the row score R then no longer moves the mask). Unstructured
+    only: N:M masks are already per group."""
     score_grad_to_weight: bool = True
     """Let the |W| term of the score send gradient into U, V (the reference's behaviour)."""
     mask_update_interval: int = 1
@@ -67,6 +72,9 @@ class PSTConfig(MethodConfig):
         out += _choice("init", self.init, ("reference", "kaiming"))
         out += _choice("nm_schedule", self.nm_schedule, ("switch", "gradual"))
         out += _choice("score_prior", self.score_prior, ("magnitude", "wanda"))
+        out += _choice("scope", self.scope, ("local", "row"))
+        if self.scope == "row" and self.pattern != "unstructured":
+            out.append(("scope", f"'row' applies to unstructured sparsity; pattern {self.pattern} is per group"))
         for k in ("sparsity", "init_sparsity"):
             if not 0 <= getattr(self, k) < 1:
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1)"))

@@ -18,7 +18,8 @@ The mask is found with ``kthvalue`` on float32 scores under no_grad and cached w
 unchanged (``Tensor._version``): once per optimizer step in training, once in eval.
 
 Options beyond the paper: ``score_prior: wanda`` scales |W| column-wise by the inputs' RMS (statistics kept as
-buffers); ``nm_schedule: gradual`` keeps every mask of the ramp inside the N:M pattern (``nm_topk_mask``). Ties at the threshold are
+buffers); ``scope: row`` ranks each output row on its own (same p per layer, spread evenly over rows);
+``nm_schedule: gradual`` keeps every mask of the ramp inside the N:M pattern (``nm_topk_mask``). Ties at the threshold are
 broken by position (lower flat index pruned first), so exactly p entries are pruned, deterministically.
 """
 
@@ -51,6 +52,26 @@ def topk_mask(scores: torch.Tensor, sparsity: float, p: int | None = None) -> to
     still = p - int((flat < thr).sum())  # how many of the tied entries must go
     keep[ties[still:]] = True
     return keep.view_as(scores)
+
+
+@torch.no_grad()
+def row_topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean keep-mask pruning exactly ``n_pruned(N, sparsity)`` entries, spread evenly over the output rows
+    (Wanda's per-output comparison group): floor(k·s) lowest of every row, then the remaining
+    p − n·floor(k·s) (< n) entries are each row's next-lowest, lowest first (ties by position)."""
+    rows, cols = scores.shape
+    p = n_pruned(scores.numel(), sparsity)
+    per = min(n_pruned(cols, sparsity), p // rows)
+    extra = p - rows * per
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
+    if p == 0:
+        return keep
+    low, order = torch.sort(scores.detach().float(), dim=-1, stable=True)
+    keep.scatter_(-1, order[:, :per], False)
+    if extra:
+        nxt = ~topk_mask(low[:, per], 0.0, p=extra)  # rows that give up one more entry
+        keep[nxt, order[nxt, per]] = False
+    return keep
 
 
 @torch.no_grad()
@@ -120,6 +141,7 @@ class PSTLinear(nn.Module):
             self.register_buffer("pst_in_sq", torch.zeros(k, **fkw))
             self.register_buffer("pst_in_count", torch.zeros((), **fkw))
             self.register_buffer("pst_in_scale", torch.ones(k, **fkw))
+        self.row_scope = cfg.scope == "row"
         self.nm: tuple[int, int] | None = None  # set by the schedule during cool-down when the pattern is N:M
         self.nm_ramp: tuple[int, int] | None = None  # nm_schedule gradual: N:M-constrained pruning before it
         self.freeze_mask = False  # mask_update_interval > 1: reuse the cached mask between refreshes
@@ -164,6 +186,8 @@ class PSTLinear(nn.Module):
             mask = nm_mask(scores, *self.nm)
         elif self.nm_ramp:
             mask = nm_topk_mask(scores, float(self.sparsity), *self.nm_ramp)
+        elif self.row_scope:
+            mask = row_topk_mask(scores, float(self.sparsity))
         else:
             mask = topk_mask(scores, float(self.sparsity))
         self._cache = (key, mask)
