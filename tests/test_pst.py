@@ -313,9 +313,16 @@ def test_row_topk_mask_prunes_exactly_p_spread_over_rows():
         assert int(per_row.max() - per_row.min()) <= 1 and int(per_row.min()) == min(
             n_pruned(cols, sp), n_pruned(rows * cols, sp) // rows
         )
-        for r in range(rows):  # within a row, pruned scores never exceed kept ones
-            if 0 < int(per_row[r]) < cols:
-                assert s[r][~keep[r]].max() <= s[r][keep[r]].min()
+        # reference: stable sort of each row, the first floor(k·s) go; left-overs by (next value, row)
+        order = torch.sort(s, dim=-1, stable=True).indices
+        per = int(per_row.min())
+        ref = torch.ones_like(keep).scatter_(-1, order[:, :per], False)
+        left = n_pruned(rows * cols, sp) - rows * per
+        if left:
+            nxt = s.gather(-1, order[:, per : per + 1]).squeeze(-1)
+            for r in sorted(range(rows), key=lambda r: (float(nxt[r]), r))[:left]:
+                ref[r, order[r, per]] = False
+        assert torch.equal(keep, ref)
     # ties: lower column first; the left-over entries go to the lowest rows in order
     keep = row_topk_mask(torch.zeros(4, 6), 0.3)  # p = 7: one per row, then 3 more
     assert (~keep).int().tolist() == [[1, 1, 0, 0, 0, 0]] * 3 + [[1, 0, 0, 0, 0, 0]]

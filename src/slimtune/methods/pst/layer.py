@@ -57,20 +57,24 @@ def topk_mask(scores: torch.Tensor, sparsity: float, p: int | None = None) -> to
 @torch.no_grad()
 def row_topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean keep-mask pruning exactly ``n_pruned(N, sparsity)`` entries, spread evenly over the output rows
-    (Wanda's per-output comparison group): floor(k·s) lowest of every row, then the remaining
-    p − n·floor(k·s) (< n) entries are each row's next-lowest, lowest first (ties by position)."""
-    rows, cols = scores.shape
-    p = n_pruned(scores.numel(), sparsity)
+    (Wanda's per-output comparison group): floor(k·s) lowest of every row (ties by column), then the remaining
+    p − n·floor(k·s) (< n) entries are each row's lowest kept one, lowest first (ties by row). Row thresholds come
+    from ``kthvalue``, so this costs about what the per-layer mask does."""
+    s = scores.detach().float()
+    rows, cols = s.shape
+    p = n_pruned(s.numel(), sparsity)
     per = min(n_pruned(cols, sparsity), p // rows)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=s.device)
+    if per:
+        thr = s.kthvalue(per, dim=-1, keepdim=True).values
+        tied = s == thr
+        need = per - (s < thr).sum(-1, keepdim=True)  # how many of each row's tied entries go, lowest column first
+        keep = ~((s < thr) | (tied & (tied.cumsum(-1) <= need)))
     extra = p - rows * per
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
-    if p == 0:
-        return keep
-    low, order = torch.sort(scores.detach().float(), dim=-1, stable=True)
-    keep.scatter_(-1, order[:, :per], False)
     if extra:
-        nxt = ~topk_mask(low[:, per], 0.0, p=extra)  # rows that give up one more entry
-        keep[nxt, order[nxt, per]] = False
+        low, col = s.masked_fill(~keep, float("inf")).min(dim=-1)  # first minimal column of each row
+        give = ~topk_mask(low, 0.0, p=extra)
+        keep[give, col[give]] = False
     return keep
 
 
