@@ -44,11 +44,17 @@ def main(config: str, run: str) -> None:
     dev = _dev_split(_records(cfg)[0], pcfg)["dev"]
     pos = torch.tensor([t for r in dev for t in range(len(_encode(tok, r)[1]) + 1)])
     if pos.numel() != mem.keys.shape[0]:
-        sys.exit(f"{root / 'memory' / 'dev.safetensors'}: {mem.keys.shape[0]} rows, not a teacher-forced memory")
+        sys.exit(
+            f"{root / 'memory' / 'dev.safetensors'}: {mem.keys.shape[0]} rows, not a teacher-forced memory"
+        )
     lp_lm = torch.log_softmax(head.logits(head.norm(mem.keys)), -1)
     lp_pema = torch.log_softmax(head.logits(adapter.predict_hidden(mem.keys)), -1)
     y = mem.values
-    print("positions  rows  acc LM  acc PEMA  gold NLL at λ = " + "  ".join(f"{v:g}" for v in LAMBDAS) + "  best λ")
+    print(
+        "positions  rows  acc LM  acc PEMA  gold NLL at λ = "
+        + "  ".join(f"{v:g}" for v in LAMBDAS)
+        + "  best λ"
+    )
     for a, b in BUCKETS:
         m = (pos >= a) & (pos < b)
         if not bool(m.any()):
@@ -61,7 +67,11 @@ def main(config: str, run: str) -> None:
         ]
         best = LAMBDAS[min(range(len(LAMBDAS)), key=nll.__getitem__)]
         span = f"[{a},{b})" if b < 10**9 else f"[{a},…)"
-        print(f"{span:9} {n:5}  {acc[0]:6.2f}  {acc[1]:8.2f}  " + "  ".join(f"{v:5.2f}" for v in nll) + f"  {best:g}")
+        print(
+            f"{span:9} {n:5}  {acc[0]:6.2f}  {acc[1]:8.2f}  "
+            + "  ".join(f"{v:5.2f}" for v in nll)
+            + f"  {best:g}"
+        )
 
 
 if __name__ == "__main__":

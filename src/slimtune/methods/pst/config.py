@@ -74,7 +74,9 @@ class PSTConfig(MethodConfig):
         out += _choice("score_prior", self.score_prior, ("magnitude", "wanda"))
         out += _choice("scope", self.scope, ("local", "row"))
         if self.scope == "row" and self.pattern != "unstructured":
-            out.append(("scope", f"'row' applies to unstructured sparsity; pattern {self.pattern} is per group"))
+            out.append(
+                ("scope", f"'row' applies to unstructured sparsity; pattern {self.pattern} is per group")
+            )
         for k in ("sparsity", "init_sparsity"):
             if not 0 <= getattr(self, k) < 1:
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1)"))
