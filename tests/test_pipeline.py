@@ -189,16 +189,24 @@ def test_cli_list(capsys):
 @pytest.mark.slow
 def test_periodic_eval_checkpointing_and_cli_eval_generate(tiny_model_dir, instr_jsonl, tmp_path, capsys):
     out = tmp_path / "run"
-    api.train(
-        run_cfg(
-            tiny_model_dir, instr_jsonl, out, steps=4, eval_every=2, grad_checkpointing=True, grad_accum=2
-        )
+    cfg = run_cfg(
+        tiny_model_dir, instr_jsonl, out, steps=4, eval_every=2, grad_checkpointing=True, grad_accum=2
     )
+    cfg.data.eval_path = str(instr_jsonl)  # 24 held-out rows
+    api.train(cfg)
     logs = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "eval/eval_loss" in r] == [0, 2, 4]
+    assert {r["eval/examples"] for r in logs if "eval/examples" in r} == {24}
     capsys.readouterr()
-    assert main(["eval", str(out)]) == 0
+    assert main(["eval", str(out), "--json", str(tmp_path / "all.json")]) == 0
     assert "eval: eval loss" in capsys.readouterr().out
+    assert json.loads((tmp_path / "all.json").read_text())["examples"] == 24
+    # --eval-size overrides the run's data.eval_size (it used to be ignored for a run directory)
+    assert main(["eval", str(out), "--eval-size", "1", "--json", str(tmp_path / "one.json")]) == 0
+    assert "(1 examples)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "one.json").read_text())["examples"] == 1
+    assert main(["eval", str(out), "--eval-size", "0"]) == 2
+    assert "--eval-size: 0 must be a positive number" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "What is 12 + 3?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("> What is 12 + 3?\n")
 

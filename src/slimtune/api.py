@@ -34,6 +34,7 @@ def print_eval(title: str, res: EvalResult) -> None:
     _say(
         f"{title}: eval loss {res.loss:.4f}, perplexity {res.perplexity:.2f}"
         + (f", {metrics}" if metrics else "")
+        + (f" ({res.examples} examples)" if res.examples else "")
     )
 
 

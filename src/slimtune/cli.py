@@ -6,6 +6,7 @@ User errors print one line (``slimtune: error: ...``) and exit with code 2, neve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -99,10 +100,14 @@ def cmd_eval(args) -> int:
 
     cfg, p = _load_target(args)
     data_cfg = cfg.data if cfg is not None else None
+    if args.eval_size is not None and args.eval_size < 1:
+        raise UserError(f"--eval-size: {args.eval_size} must be a positive number of examples")
     if args.task:
         from slimtune.config import DataConfig
 
-        data_cfg = DataConfig(task=args.task, eval_size=args.eval_size)
+        data_cfg = DataConfig(task=args.task, eval_size=200 if args.eval_size is None else args.eval_size)
+    elif data_cfg is not None and args.eval_size is not None:
+        data_cfg = dataclasses.replace(data_cfg, eval_size=args.eval_size)
     if data_cfg is None:
         raise UserError("eval: give --task with --model")
     _, evald, records, _ = load_split(data_cfg, p.tok)
@@ -201,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help="a base model (alias, HF dir, .gguf) instead of a run")
         if name == "eval":
             s.add_argument("--task", help="evaluate on this built-in task instead of the run's data")
-            s.add_argument("--eval-size", type=int, default=200)
+            s.add_argument(
+                "--eval-size",
+                type=int,
+                help="held-out examples to score (default: the run's data.eval_size; 200 with --task)",
+            )
             s.add_argument("--samples", type=int, default=3, help="generations to show")
             s.add_argument("--json", help="also write the metrics to this file")
         else:

@@ -20,9 +20,15 @@ class EvalResult:
     perplexity: float
     metrics: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
+    examples: int = 0  # held-out examples scored
 
     def summary(self) -> dict:
-        return {"eval_loss": self.loss, "perplexity": self.perplexity, **self.metrics}
+        return {
+            "eval_loss": self.loss,
+            "perplexity": self.perplexity,
+            **self.metrics,
+            "examples": self.examples,
+        }
 
 
 def _device(adapted: Adapted) -> torch.device:
@@ -148,7 +154,9 @@ def evaluate(
                 preds = generate(adapted, tok, records, task.max_new_tokens, batch_size)
         if loss is None:
             loss = eval_loss(adapted, data, batch_size, tok.pad_token_id) if len(data) else float("nan")
-        result = EvalResult(loss=loss, perplexity=math.exp(min(loss, 50)))
+        result = EvalResult(
+            loss=loss, perplexity=math.exp(min(loss, 50)), examples=max(len(data), len(records))
+        )
         if preds is not None:
             result.metrics = task.score(preds, refs)
         shown = records[:num_samples]
