@@ -180,11 +180,13 @@ def _patch_mlp(mlp: nn.Module, layer: int, ctrl: SATController) -> None:
 
 
 def _patch_attention(attn: nn.Module, layer: int, ctrl: SATController) -> None:
-    def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        cached = past_key_values is not None and past_key_values.get_seq_length(attn.layer_idx) > 0
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, *rest, **kwargs):
+        # the KV cache: `past_key_values` up to transformers 5.23, `cache` from 5.24 (keyword, or 4th positional)
+        cache = rest[0] if rest else kwargs.get("cache", kwargs.get("past_key_values"))
+        cached = cache is not None and cache.get_seq_length(attn.layer_idx) > 0
         if cached or not ctrl.active(attn, "attn", layer):
             return type(attn).forward(
-                attn, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+                attn, hidden_states, position_embeddings, attention_mask, *rest, **kwargs
             )
         scores = out = None
         if ctrl.cfg.metric == "activation" and ctrl.needs_scores(layer, "attn"):

@@ -164,7 +164,8 @@ def attend(
         pos = torch.searchsorted(kv_used, kept // groups)
         k, v = k.index_select(1, pos), v.index_select(1, pos)
     fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, ns.eager_attention_forward)
-    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_values", None)  # the KV cache (named `cache` from transformers 5.24): not used here
+    kwargs.pop("cache", None)
     out, _ = fn(
         _OneGroupView(attn),
         q,
