@@ -68,9 +68,8 @@ def row_topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     if per:
         thr = s.kthvalue(per, dim=-1, keepdim=True).values
         tied = s == thr
-        need = per - (s < thr).sum(
-            -1, keepdim=True
-        )  # how many of each row's tied entries go, lowest column first
+        # how many of each row's tied entries go, lowest column first
+        need = per - (s < thr).sum(-1, keepdim=True)
         keep = ~((s < thr) | (tied & (tied.cumsum(-1) <= need)))
     extra = p - rows * per
     if extra:
