@@ -140,9 +140,8 @@ def _sliced_mlp(
     saved, ctrl.token_mask = ctrl.token_mask, token_mask
     try:
         if reuse and ctrl.needs_scores(layer, "mlp"):
-            with (
-                torch.no_grad()
-            ):  # dense pre-activations: they score the channels and are reused for the kept
+            # dense pre-activations: they score the channels and are reused for the kept
+            with torch.no_grad():
                 known = (sliced_linear(x, mlp.gate_proj), sliced_linear(x, mlp.up_proj))
                 scores = activation_scores(mlp.act_fn(known[0]) * known[1], token_mask)
         kept = ctrl.kept(layer, "mlp", mlp, x, scores)
