@@ -1,5 +1,7 @@
 """PST (parameter-efficient sparse training): the tests of specs/pst.md §6.5 on a tiny Llama."""
 
+import copy
+
 import pytest
 import torch
 from tests.conftest import batch
@@ -9,10 +11,12 @@ from slimtune.errors import ConfigError, UserError
 from slimtune.methods import apply, make_config
 from slimtune.methods.pst import (
     PSTLinear,
+    context_positions,
     cubic_sparsity,
     n_pruned,
     nm_mask,
     pst_layers,
+    set_sparsity,
     sparsity_report,
     topk_mask,
 )
@@ -340,3 +344,64 @@ def test_row_scope_schedule_ends_at_the_per_row_count_and_is_checked():
         make_config("pst", scope="row", pattern="2:4")
     with pytest.raises(ConfigError, match="scope: 'global' is not one of local, row"):
         make_config("pst", scope="global")
+
+
+# extension: distillation from the unmasked network over the context positions
+def test_context_positions_are_the_prompt_predictions_without_padding():
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, -100, 7, 8, -100], [-100, -100, 5, 6, 7, 8]])
+    sel = context_positions(attn, labels)
+    # position t predicts token t+1: context while token t+1 is real and not a target
+    assert sel.tolist() == [
+        [True, True, False, False, False, False],
+        [True, False, False, False, False, False],
+    ]
+
+
+@pytest.mark.parametrize("source", ["base", "dense"])
+def test_distillation_adds_gamma_times_the_kl_to_the_unmasked_teacher(source):
+    gamma, temp = 0.7, 2.0
+    a = make(sparsity=0.5, distill_weight=gamma, distill_from=source, distill_temperature=temp)
+    plain = make(sparsity=0.5)
+    run_schedule(a, 6)  # pruned to 50% with trained U, V (labels = inputs: no context, no distillation yet)
+    plain.load_state_dict(a.state_dict())
+    set_sparsity(plain.model, 0.5, None)
+    data = batch()
+    data["labels"][:, :7] = -100
+    a.model.train()
+    plain.model.train()
+    out, ref = a.model(**data), plain.model(**data)
+    assert torch.allclose(out.logits, ref.logits)
+    # the teacher by hand: the same layers' base or W0 + βUV weights, no mask
+    teacher = copy.deepcopy(plain.model)
+    for name, layer in pst_layers(teacher).items():
+        w = layer.base_layer.weight if source == "base" else layer.effective_weight()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data.copy_(w.detach())
+        teacher.set_submodule(name, lin)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    sel = context_positions(data["attention_mask"], data["labels"])
+    assert int(sel.sum()) == 2 * 6
+    p_t = torch.softmax(t_logits[sel] / temp, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(ref.logits[sel] / temp, -1))).sum(-1).mean() * temp**2
+    assert float(kl.detach()) > 1e-4  # the pruned model really differs from its teacher
+    assert torch.allclose(out.loss, ref.loss + gamma * kl, rtol=1e-5, atol=1e-6)
+    assert a.extra_state["distill_kl"] == pytest.approx(float(kl.detach()), abs=2e-6)
+    # the gradient is the student's: the teacher pass holds no graph and leaves the masks in place
+    out.loss.backward()
+    (ref.loss + gamma * kl).backward()
+    for (n, p), (_, q) in zip(a.named_trainable_parameters(), plain.named_trainable_parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+    assert all(layer.teacher is None for layer in pst_layers(a.model).values())
+    a.model.eval()
+    assert float(a.model(**data).loss) == pytest.approx(float(ref.loss), rel=1e-6)  # eval: the task loss only
+
+
+def test_distillation_options_are_checked_by_key():
+    with pytest.raises(ConfigError, match="distill_weight: -0.1 must be >= 0"):
+        make_config("pst", distill_weight=-0.1)
+    with pytest.raises(ConfigError, match="distill_from: 'teacher' is not one of base, dense"):
+        make_config("pst", distill_from="teacher")
+    with pytest.raises(ConfigError, match="distill_temperature: 0 must be > 0"):
+        make_config("pst", distill_temperature=0)

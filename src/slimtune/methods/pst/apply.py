@@ -8,6 +8,7 @@ import logging
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimtune.errors import UserError
@@ -109,6 +110,58 @@ class PSTAdapted(Adapted):
         return merged
 
 
+IGNORE = -100
+
+
+def context_positions(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions whose next token is real and not a training target (prompt/context predictions)."""
+    sel = torch.zeros_like(labels, dtype=torch.bool)
+    sel[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool() & (labels[:, 1:] == IGNORE)
+    return sel
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · mean over rows of KL(softmax(teacher/T) ‖ softmax(student/T)); rows are positions, [N, V]."""
+    t = temperature
+    log_s = F.log_softmax(student.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher.float() / t, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * (t * t)
+
+
+def _add_distillation(model: nn.Module, adapted: Adapted, cfg: PSTConfig) -> None:
+    """Forward hook: in training, loss += γ·KL(unmasked teacher ‖ model) over the context positions."""
+    busy = False
+
+    def hook(module, args, kwargs, output):
+        nonlocal busy
+        labels, attn = kwargs.get("labels"), kwargs.get("attention_mask")
+        if busy or not module.training or labels is None or getattr(output, "loss", None) is None:
+            return None
+        if attn is None:
+            attn = torch.ones_like(labels)
+        sel = context_positions(attn, labels)
+        if not bool(sel.any()):
+            return None
+        layers = pst_layers(module).values()
+        busy = True
+        try:
+            for layer in layers:
+                layer.teacher = cfg.distill_from
+            with torch.no_grad():
+                teacher = module(input_ids=kwargs["input_ids"], attention_mask=attn).logits[sel]
+        finally:
+            busy = False
+            for layer in layers:
+                layer.teacher = None
+        kd = distillation_kl(output.logits[sel], teacher, cfg.distill_temperature)
+        adapted.extra_state["task_loss"] = round(float(output.loss.detach()), 6)
+        adapted.extra_state["distill_kl"] = round(float(kd.detach()), 6)
+        output.loss = output.loss + cfg.distill_weight * kd
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
 def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
     targets = [
         (n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and "lm_head" not in n
@@ -159,6 +212,8 @@ def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
         if a.total_steps is None and step == 0:  # benchmarks: held at the target (the cool-down state)
             on_step_end(0, a)
 
+    if cfg.distill_weight > 0:
+        _add_distillation(model, adapted, cfg)
     adapted.hooks.on_step_start = on_step_start
     adapted.hooks.on_step_end = on_step_end
     adapted.extra_state["sparsity"] = cfg.init_sparsity

@@ -58,6 +58,15 @@ class PSTConfig(MethodConfig):
     """The data-free term of the score: magnitude (|W|, the paper) | wanda (an extension: |W_ij|·c_j with c_j the
     root-mean-square of input feature j over the training tokens seen so far, divided by its mean over j so the
     term keeps |W|'s scale; refreshed after every optimizer step; Sun et al.'s Wanda pruning criterion)."""
+    distill_weight: float = 0.0
+    """γ (an extension; 0 = off, the paper): add γ·KL(teacher ‖ model) over the tokens the task loss ignores
+    (prompt and context, not padding), the teacher being the same network without masks (``distill_from``). The
+    task loss trains only the answer tokens; this term asks the pruned model to keep predicting the context as
+    the dense one does. Costs one extra no-grad forward per micro-batch."""
+    distill_from: str = "base"
+    """base: the frozen W0 (the model before fine-tuning) | dense: the current W0 + βUV without the mask."""
+    distill_temperature: float = 1.0
+    """Softmax temperature of both distributions in the distillation term (the term is scaled by T²)."""
     init: str = "reference"
     """reference: U, A ~ N(0, 1); kaiming: kaiming-uniform U, A. V, B, R, C start at 0 either way."""
 
@@ -73,6 +82,11 @@ class PSTConfig(MethodConfig):
         out += _choice("nm_schedule", self.nm_schedule, ("switch", "gradual"))
         out += _choice("score_prior", self.score_prior, ("magnitude", "wanda"))
         out += _choice("scope", self.scope, ("local", "row"))
+        out += _choice("distill_from", self.distill_from, ("base", "dense"))
+        if self.distill_weight < 0:
+            out.append(("distill_weight", f"{self.distill_weight!r} must be >= 0"))
+        if self.distill_temperature <= 0:
+            out.append(("distill_temperature", f"{self.distill_temperature!r} must be > 0"))
         if self.scope == "row" and self.pattern != "unstructured":
             out.append(
                 ("scope", f"'row' applies to unstructured sparsity; pattern {self.pattern} is per group")

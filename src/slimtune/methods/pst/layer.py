@@ -149,6 +149,7 @@ class PSTLinear(nn.Module):
         self.row_scope = cfg.scope == "row"
         self.nm: tuple[int, int] | None = None  # set by the schedule during cool-down when the pattern is N:M
         self.nm_ramp: tuple[int, int] | None = None  # nm_schedule gradual: N:M-constrained pruning before it
+        self.teacher: str | None = None  # distillation: "base" → W0, "dense" → W0 + βUV, both unmasked
         self.freeze_mask = False  # mask_update_interval > 1: reuse the cached mask between refreshes
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
@@ -206,6 +207,9 @@ class PSTLinear(nn.Module):
         return (m.to(w.dtype)) * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher is not None:
+            w = self.base_layer.weight if self.teacher == "base" else self.effective_weight()
+            return F.linear(x, w, self.base_layer.bias)
         if self.training and self.prior == "wanda":
             with torch.no_grad():
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
