@@ -225,6 +225,31 @@ def test_mask_is_cached_between_steps_and_eval_is_deterministic():
     assert torch.equal(a.model(**data).logits, a.model(**data).logits)
 
 
+def test_forward_without_autograd_reuses_the_masked_weight_until_a_parameter_changes():
+    a = make(sparsity=0.5)
+    run_schedule(a, 12)
+    layer = next(iter(pst_layers(a.model).values()))
+    x = torch.randn(3, layer.base_layer.in_features)
+
+    def merged(x):
+        return nn.functional.linear(x, layer.merged_linear().weight, layer.base_layer.bias)
+
+    with torch.no_grad():
+        y1 = layer(x)
+        cached = layer._weight_cache[1]
+        assert torch.equal(layer(x), y1) and layer._weight_cache[1] is cached  # built once, reused
+        assert torch.equal(y1, merged(x))
+        layer.pst_V.add_(0.1)  # what an optimizer step does
+        y2 = layer(x)
+        assert layer._weight_cache[1] is not cached and not torch.equal(y2, y1)
+        assert torch.equal(y2, merged(x))
+    y3 = layer(x)  # with autograd: the straight-through path, same value, and the copy is dropped
+    assert y3.requires_grad and torch.equal(y3.detach(), y2) and layer._weight_cache is None
+    layer.double()  # a move rebuilds both caches (new storage) instead of mixing dtypes
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
+
+
 def test_interval_reuses_masks_between_refreshes():
     a = make(sparsity=0.5, mask_update_interval=4)
     run_schedule(a, 10)

@@ -152,6 +152,7 @@ class PSTLinear(nn.Module):
         self.teacher: str | None = None  # distillation: "base" → W0, "dense" → W0 + βUV, both unmasked
         self.freeze_mask = False  # mask_update_interval > 1: reuse the cached mask between refreshes
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None  # M ⊙ W for forwards without autograd
 
     def extra_repr(self) -> str:
         n, k = self.base_layer.out_features, self.base_layer.in_features
@@ -173,8 +174,19 @@ class PSTLinear(nn.Module):
         return (
             float(self.sparsity),
             self.nm,
-            self.base_layer.weight._version,
-            *(p._version for p in (self.pst_U, self.pst_V, self.pst_A, self.pst_B, self.pst_R, self.pst_C)),
+            # versions count in-place updates; storage addresses change when the module moves (`.to()`)
+            *(
+                (p._version, p.data_ptr())
+                for p in (
+                    self.base_layer.weight,
+                    self.pst_U,
+                    self.pst_V,
+                    self.pst_A,
+                    self.pst_B,
+                    self.pst_R,
+                    self.pst_C,
+                )
+            ),
             self.pst_in_scale._version if self.prior == "wanda" else 0,
         )
 
@@ -200,6 +212,16 @@ class PSTLinear(nn.Module):
         return mask
 
     def masked_weight(self) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            # eval and generation: nothing needs the straight-through path, so M ⊙ (W0 + βUV) is built once per
+            # parameter state instead of once per forward (per decoded token)
+            key = self._state_key()
+            if self._weight_cache is None or self._weight_cache[0] != key:
+                self._weight_cache = None  # free the stale copy before building the new one
+                w = self.effective_weight()
+                self._weight_cache = (key, w * self.keep_mask().to(w.dtype))
+            return self._weight_cache[1]
+        self._weight_cache = None  # training: the copy would be stale after the next optimizer step
         w = self.effective_weight()
         s = self.scores(w)
         mask = self.keep_mask(s).to(s.dtype)
