@@ -210,6 +210,39 @@ def test_ste_gradients_match_closed_forms(to_weight):
     assert base.weight.grad is None and base.bias.grad is None
 
 
+@pytest.mark.parametrize("prior", ["magnitude", "wanda"])
+@pytest.mark.parametrize("to_weight", [True, False])
+def test_fused_backward_equals_the_autograd_form(prior, to_weight):
+    """The layer's hand-written backward (W rebuilt from U, V instead of W, S, M ⊙ W kept) gives what autograd
+    gives through the plain form F.linear(x, (mask + S − S.detach()) ⊙ W)."""
+    torch.manual_seed(1)
+    cfg = make_config("pst", weight_rank=3, score_rank=2, weight_beta=0.5, alpha_lowrank=0.7, alpha_struct=1.3,
+                      score_grad_to_weight=to_weight, score_prior=prior)  # fmt: skip
+    layer = PSTLinear(nn.Linear(12, 8, dtype=torch.float64), cfg).double()
+    with torch.no_grad():
+        for p in (layer.pst_V, layer.pst_B, layer.pst_R, layer.pst_C):
+            p.normal_()
+        if prior == "wanda":
+            layer.pst_in_scale.uniform_(0.5, 2.0)
+    layer.sparsity.fill_(0.4)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 5, 8, dtype=torch.float64)
+    params = [layer.pst_U, layer.pst_V, layer.pst_A, layer.pst_B, layer.pst_R, layer.pst_C]
+    fused = layer(x)
+    assert fused.grad_fn is not None and "PSTLinearFn" in type(fused.grad_fn).__name__
+    got = torch.autograd.grad((fused * gy).sum(), [x, *params])
+    plain = nn.functional.linear(x, layer.masked_weight(), layer.base_layer.bias)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    want = torch.autograd.grad((plain * gy).sum(), [x, *params])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    y = layer(x)
+    with torch.no_grad():
+        layer.pst_U.add_(1.0)  # changed between forward and backward: refused, not silently wrong
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y * gy).sum().backward()
+
+
 # 7. mask dynamics and caching
 def test_mask_is_cached_between_steps_and_eval_is_deterministic():
     a = make(sparsity=0.5)

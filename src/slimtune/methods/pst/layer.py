@@ -111,6 +111,46 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.view(rows, cols)
 
 
+class _PSTLinearFn(torch.autograd.Function):
+    """y = x (M ⊙ W)ᵀ + b with the straight-through gradients above, written out so that backward rebuilds
+    W = W0 + βUV from the parameters instead of autograd keeping W, S and M ⊙ W (three n×k tensors) per layer, and
+    so that forward needs no S while the mask is cached. Closed forms with G = ∂L/∂(M ⊙ W) = gyᵀ x and
+    G_S = G ⊙ W in the score dtype; P = the prior's column scale (1 without ``score_prior: wanda``)."""
+
+    @staticmethod
+    def forward(ctx, x, U, V, A, B, R, C, layer):
+        w = layer.effective_weight()
+        mask = layer.keep_mask()
+        ctx.layer = layer
+        # the parameters too (no copies): autograd then refuses a backward after they were changed in place
+        ctx.save_for_backward(x, mask, U, V, A, B)
+        return F.linear(x, w * mask.to(w.dtype), layer.base_layer.bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mask, U, V, A, B = ctx.saved_tensors
+        layer = ctx.layer
+        w = (layer.base_layer.weight + layer.beta * (U @ V)).detach()
+        m = mask.to(w.dtype)
+        gx = gy @ (w * m) if ctx.needs_input_grad[0] else None
+        g = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # n×k
+        dt = torch.promote_types(w.dtype, torch.float32)
+        gs = (g * w).to(dt)  # straight through: ∂L/∂S = ∂L/∂M
+        da = (layer.alpha1 * gs @ B.to(dt).t()).to(A.dtype)
+        db = (layer.alpha1 * A.to(dt).t() @ gs).to(B.dtype)
+        dr = (layer.alpha2 * gs.sum(1)).to(layer.pst_R.dtype)
+        dc = (layer.alpha2 * gs.sum(0)).to(layer.pst_C.dtype)
+        dw = g * m
+        if layer.score_grad_to_weight:  # through |W| (times the prior's scale) in S
+            prior = torch.sign(w).to(dt)
+            if layer.prior == "wanda":
+                prior = prior * layer.pst_in_scale.to(dt)[None, :]
+            dw = dw + (prior * gs).to(w.dtype)
+        du = (layer.beta * dw @ V.t()).to(U.dtype)
+        dv = (layer.beta * U.t() @ dw).to(V.dtype)
+        return gx, du, dv, da, db, dr, dc, None
+
+
 class PSTLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``, not copied) with PST's six small parameters."""
 
@@ -222,6 +262,8 @@ class PSTLinear(nn.Module):
                 self._weight_cache = (key, w * self.keep_mask().to(w.dtype))
             return self._weight_cache[1]
         self._weight_cache = None  # training: the copy would be stale after the next optimizer step
+        # the plain autograd form, for a frozen base that was made trainable (extra_trainable) — the fused
+        # function below gives U, V, A, B, R, C their gradients, not W0 or b
         w = self.effective_weight()
         s = self.scores(w)
         mask = self.keep_mask(s).to(s.dtype)
@@ -237,7 +279,16 @@ class PSTLinear(nn.Module):
                 flat = x.detach().reshape(-1, x.shape[-1]).float()
                 self.pst_in_sq += (flat * flat).sum(0)
                 self.pst_in_count += flat.shape[0]
-        return F.linear(x, self.masked_weight(), self.base_layer.bias)
+        base = self.base_layer
+        if (
+            torch.is_grad_enabled()
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+        ):
+            self._weight_cache = None  # the copy would be stale after the next optimizer step
+            p = (self.pst_U, self.pst_V, self.pst_A, self.pst_B, self.pst_R, self.pst_C)
+            return _PSTLinearFn.apply(x, *p, self)
+        return F.linear(x, self.masked_weight(), base.bias)
 
     @torch.no_grad()
     def refresh_prior(self) -> None:
