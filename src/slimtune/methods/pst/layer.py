@@ -10,12 +10,14 @@ For a frozen W0 ∈ R^{n×k} (n = out, k = in) and bias b:
 
 The binarizer's backward is the identity (straight-through): ∂L/∂S := ∂L/∂M = G ⊙ W, with G = ∂L/∂(M ⊙ W), so
 ∂L/∂A = α1 (G⊙W) Bᵀ, ∂L/∂B = α1 Aᵀ (G⊙W), ∂L/∂R = α2 Σ_j (G⊙W)_ij, ∂L/∂C = α2 Σ_i (G⊙W)_ij; W (hence U, V)
-receives M ⊙ G plus, through |W| in S, sign(W) ⊙ G ⊙ W (``score_grad_to_weight``). It is written as
-``M = mask + (S - S.detach())``: exactly the 0/1 mask in value, identity in gradient. No trainable n×k tensor
+receives M ⊙ G plus, through |W| in S, sign(W) ⊙ G ⊙ W (``score_grad_to_weight``). In autograd
+form it reads ``M = mask + (S - S.detach())``: exactly the 0/1 mask in value, identity in gradient. No trainable n×k tensor
 exists: only U, V, A, B, R, C are parameters.
 
 The mask is found with ``kthvalue`` on float32 scores under no_grad and cached while the layer's parameters are
-unchanged (``Tensor._version``): once per optimizer step in training, once in eval.
+unchanged (``Tensor._version`` and storage): once per optimizer step in training, once in eval; without autograd the
+masked weight is cached as well. In training the gradients come from a hand-written backward that rebuilds W from
+U and V, so no n×k tensor is kept per layer between forward and backward.
 
 Options beyond the paper: ``score_prior: wanda`` scales |W| column-wise by the inputs' RMS (statistics kept as
 buffers); ``scope: row`` ranks each output row on its own (same p per layer, spread evenly over rows);
@@ -114,8 +116,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 class _PSTLinearFn(torch.autograd.Function):
     """y = x (M ⊙ W)ᵀ + b with the straight-through gradients above, written out so that backward rebuilds
     W = W0 + βUV from the parameters instead of autograd keeping W, S and M ⊙ W (three n×k tensors) per layer, and
-    so that forward needs no S while the mask is cached. Closed forms with G = ∂L/∂(M ⊙ W) = gyᵀ x and
-    G_S = G ⊙ W in the score dtype; P = the prior's column scale (1 without ``score_prior: wanda``)."""
+    so that forward needs no S while the mask is cached. The closed forms of the module docstring, with
+    G = ∂L/∂(M ⊙ W) = gyᵀ x and, under ``score_prior: wanda``, |W| scaled by the input RMS in S (so the weight's
+    score gradient is sign(W)·scale ⊙ G ⊙ W)."""
 
     @staticmethod
     def forward(ctx, x, U, V, A, B, R, C, layer):
