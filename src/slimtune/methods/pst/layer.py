@@ -133,7 +133,7 @@ class _PSTLinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, mask, U, V, A, B = ctx.saved_tensors
         layer = ctx.layer
-        w = (layer.base_layer.weight + layer.beta * (U @ V)).detach()
+        w = layer.effective_weight()  # from the U, V just unpacked (version-checked); no graph in backward
         m = mask.to(w.dtype)
         gx = gy @ (w * m) if ctx.needs_input_grad[0] else None
         g = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # n×k
@@ -201,6 +201,9 @@ class PSTLinear(nn.Module):
         n, k = self.base_layer.out_features, self.base_layer.in_features
         return f"in={k}, out={n}, r_w={self.pst_U.shape[1]}, r_m={self.pst_A.shape[1]}, nm={self.nm}"
 
+    def pst_parameters(self) -> tuple[nn.Parameter, ...]:
+        return (self.pst_U, self.pst_V, self.pst_A, self.pst_B, self.pst_R, self.pst_C)
+
     def effective_weight(self) -> torch.Tensor:
         return self.base_layer.weight + self.beta * (self.pst_U @ self.pst_V)
 
@@ -218,18 +221,7 @@ class PSTLinear(nn.Module):
             float(self.sparsity),
             self.nm,
             # versions count in-place updates; storage addresses change when the module moves (`.to()`)
-            *(
-                (p._version, p.data_ptr())
-                for p in (
-                    self.base_layer.weight,
-                    self.pst_U,
-                    self.pst_V,
-                    self.pst_A,
-                    self.pst_B,
-                    self.pst_R,
-                    self.pst_C,
-                )
-            ),
+            *((p._version, p.data_ptr()) for p in (self.base_layer.weight, *self.pst_parameters())),
             self.pst_in_scale._version if self.prior == "wanda" else 0,
         )
 
@@ -264,7 +256,6 @@ class PSTLinear(nn.Module):
                 w = self.effective_weight()
                 self._weight_cache = (key, w * self.keep_mask().to(w.dtype))
             return self._weight_cache[1]
-        self._weight_cache = None  # training: the copy would be stale after the next optimizer step
         # the plain autograd form, for a frozen base that was made trainable (extra_trainable) — the fused
         # function below gives U, V, A, B, R, C their gradients, not W0 or b
         w = self.effective_weight()
@@ -283,14 +274,10 @@ class PSTLinear(nn.Module):
                 self.pst_in_sq += (flat * flat).sum(0)
                 self.pst_in_count += flat.shape[0]
         base = self.base_layer
-        if (
-            torch.is_grad_enabled()
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-        ):
-            self._weight_cache = None  # the copy would be stale after the next optimizer step
-            p = (self.pst_U, self.pst_V, self.pst_A, self.pst_B, self.pst_R, self.pst_C)
-            return _PSTLinearFn.apply(x, *p, self)
+        if torch.is_grad_enabled():
+            self._weight_cache = None  # training: the copy would be stale after the next optimizer step
+            if not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad):
+                return _PSTLinearFn.apply(x, *self.pst_parameters(), self)
         return F.linear(x, self.masked_weight(), base.bias)
 
     @torch.no_grad()
