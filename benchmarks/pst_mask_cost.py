@@ -11,8 +11,8 @@ shipped options (50%, wanda prior), the masks computed by the library's own func
 - a training micro-batch (forward + backward, batch 4 × 256) with the mask cached vs recomputed, as it is once per
   optimizer step;
 - one greedy decoding step (one new token over a 256-token KV cache): with the masked weight cached (built once
-  per parameter state when no gradient is needed), with only the mask cached (S and M ⊙ (W0 + βUV) rebuilt in
-  every forward), and with nothing cached.
+  per parameter state when no gradient is needed), with only the mask cached (M ⊙ (W0 + βUV) rebuilt in every
+  forward, S not), and with nothing cached (S, mask and M ⊙ W rebuilt).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(model_name: str = "smollm2-135m", repeats: int = 5) -> None:
     d_none = median_time(decode(True, True), repeats)
     print(
         f"decoding step (1 token, 256 cached): masked weight cached {d_weight * 1e3:.1f} ms; mask cached, "
-        f"M ⊙ (W0 + βUV) and S rebuilt {d_mask * 1e3:.1f} ms ({d_mask / d_weight:.1f}x); nothing cached "
+        f"M ⊙ (W0 + βUV) rebuilt {d_mask * 1e3:.1f} ms ({d_mask / d_weight:.1f}x); nothing cached "
         f"{d_none * 1e3:.1f} ms ({d_none / d_weight:.1f}x)"
     )
 

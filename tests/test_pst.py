@@ -227,7 +227,7 @@ def test_fused_backward_equals_the_autograd_form(prior, to_weight):
     layer.sparsity.fill_(0.4)
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 5, 8, dtype=torch.float64)
-    params = [layer.pst_U, layer.pst_V, layer.pst_A, layer.pst_B, layer.pst_R, layer.pst_C]
+    params = list(layer.pst_parameters())
     fused = layer(x)
     assert fused.grad_fn is not None and "PSTLinearFn" in type(fused.grad_fn).__name__
     got = torch.autograd.grad((fused * gy).sum(), [x, *params])
