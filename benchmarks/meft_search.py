@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from slimtune.methods.meft import select_topk
+from slimtune.methods.meft.layer import select_topk
 
 
 def main(

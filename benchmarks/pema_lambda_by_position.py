@@ -24,8 +24,8 @@ from transformers import AutoTokenizer
 
 from slimtune import config as C
 from slimtune import models
-from slimtune.methods.pema.data_owner import ExternalMemory, PEMAAdapter, mix_log_probs
-from slimtune.methods.pema.workflow import _dev_split, _encode, _records, load_head
+from slimtune.methods.pema.layer import ExternalMemory, PEMAAdapter, mix_log_probs
+from slimtune.recipes.pema import dev_split, encode_pair, load_head, read_pairs
 
 BUCKETS = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 10**9)]
 LAMBDAS = [0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0]
@@ -41,8 +41,8 @@ def main(config: str, run: str) -> None:
     adapter.eval()
     mem = ExternalMemory.load(root / "memory" / "dev.safetensors")
     tok = AutoTokenizer.from_pretrained(models._cached_alias(cfg.model.name))
-    dev = _dev_split(_records(cfg)[0], pcfg)["dev"]
-    pos = torch.tensor([t for r in dev for t in range(len(_encode(tok, r)[1]) + 1)])
+    dev = dev_split(read_pairs(cfg)[0], pcfg)["dev"]
+    pos = torch.tensor([t for r in dev for t in range(len(encode_pair(tok, r)[1]) + 1)])
     if pos.numel() != mem.keys.shape[0]:
         sys.exit(
             f"{root / 'memory' / 'dev.safetensors'}: {mem.keys.shape[0]} rows, not a teacher-forced memory"

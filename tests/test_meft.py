@@ -1,4 +1,4 @@
-"""MEFT (host-resident sparse parallel adapter): the acceptance checks of specs/meft.md §8 on a tiny Llama
+"""MEFT (host-resident sparse parallel adapter): the acceptance checks of docs/methods/meft.md on a tiny Llama
 (hidden 64, 2 layers). On this CPU-only machine "host" and "compute device" are the same; the accounting still
 states what would live where."""
 
@@ -8,8 +8,7 @@ from tests.conftest import batch
 
 from slimtune.errors import ConfigError
 from slimtune.methods import apply, make_config
-from slimtune.methods.meft import select_topk, union_rows
-from slimtune.methods.meft.select import Selection
+from slimtune.methods.meft.layer import Selection, select_topk, union_rows
 from slimtune.models import tiny_llama
 
 D = 64
@@ -126,7 +125,7 @@ def test_union_and_cap_keep_the_highest_aggregated_rows_not_the_lowest_indices()
 
 # 4 + 5. lazy Adam locality, AdamW equivalence, accumulation, clipping, overflow
 def step(a, opt, batches, clip=None):
-    a.hooks.call("on_step_start", 0, a)
+    a.on_step_start(0)
     for data in batches:
         backward(a.model, data)
     norm = None
@@ -135,7 +134,7 @@ def step(a, opt, batches, clip=None):
     opt.step()
     a.optimizer_step(opt)
     opt.zero_grad(set_to_none=True)
-    a.hooks.call("on_step_end", 1, a)
+    a.on_step_end(1)
     return norm
 
 
@@ -157,7 +156,7 @@ def test_untouched_rows_are_bit_identical_and_touched_rows_follow_adamw():
     opt = torch.optim.AdamW(a.param_groups(0.0), lr=1e-2)
     step(a, opt, [batch(seed=0)])  # a first step so some rows have moments and step counts
     before = snapshot(a)
-    a.hooks.call("on_step_start", 1, a)
+    a.on_step_start(1)
     backward(a.model, batch(seed=1))
     touched = [st.touched.clone() for st in a.stores]
     grads = [{"keys": st.keys.grad.clone(), "values": st.values.grad.clone()} for st in a.stores]
@@ -209,7 +208,7 @@ def test_dense_emulation_equals_torch_adamw_with_accumulation():
 def test_accumulation_sums_rows_of_different_micro_batches_and_clipping_sees_them():
     a = make(r=256, k=4, experts=0, cap=8)
     randomize_values(a)
-    a.hooks.call("on_step_start", 0, a)
+    a.on_step_start(0)
     backward(a.model, batch(seed=0))
     first = a.stores[0].touched.clone()
     g_first = a.stores[0].values.grad.clone()
@@ -234,7 +233,7 @@ def test_non_finite_gradients_skip_the_host_step():
     a = make(r=64, k=4, experts=0)
     randomize_values(a)
     opt = torch.optim.AdamW(a.param_groups(0.0), lr=1e-2)
-    a.hooks.call("on_step_start", 0, a)
+    a.on_step_start(0)
     backward(a.model, batch())
     rows = a.stores[0].touched.nonzero().flatten()
     a.stores[0].values.grad[rows[0]] = float("inf")
@@ -250,9 +249,9 @@ def test_non_finite_gradients_skip_the_host_step():
 def test_device_bytes_and_traffic_follow_the_formulas():
     a = make(r=256, k=8, experts=16, n_probe=4, cap=32)
     data = batch()
-    a.hooks.call("on_step_start", 0, a)
+    a.on_step_start(0)
     backward(a.model, data)
-    a.hooks.call("on_step_end", 1, a)
+    a.on_step_end(1)
     rows = a.run.rows
     assert len(rows) == 2 and all(0 < s <= 32 for s in rows)
     tokens = data["attention_mask"].sum().item()

@@ -1,13 +1,20 @@
 """The shared contract every method passes. A new method joins by adding one row to CASES."""
 
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tests.conftest import batch
 
+from slimtune.config import TrainConfig
+from slimtune.data import Encoded
 from slimtune.errors import ConfigError
 from slimtune.methods import METHODS, apply, make_config
 from slimtune.models import tiny_llama
 from slimtune.quant.backbone import bnb_works, quantize_decoder
+from slimtune.trainer import Trainer
 
 BNB = bnb_works(torch.device("cpu"))
 
@@ -46,23 +53,29 @@ def reference_model(name, kwargs):
     return base
 
 
+def make_trainer(adapted, steps, lr, data, grad_accum=1):
+    """The real :class:`Trainer` over exactly the rows of ``data`` (every step sees the same batch): AdamW on the
+    method's param groups, constant lr, no clipping, the method's callbacks in the trainer's own order."""
+    rows = data["input_ids"].tolist()
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=len(rows) // grad_accum,
+        grad_accum=grad_accum,
+        lr=lr,
+        schedule="constant",
+        max_grad_norm=None,
+        mixed_precision="no",
+    )
+    encoded = Encoded(rows, [list(r) for r in rows])
+    pad = SimpleNamespace(pad_token_id=0)
+    return Trainer(adapted, pad, cfg, encoded, Encoded([], []), [], None, Path(tempfile.mkdtemp()))
+
+
 def train_steps(adapted, steps, lr, data):
-    """The trainer's protocol: the method's param groups, its hooks, and its own optimizer step if it has one."""
-    adapted.total_steps = steps
-    opt = torch.optim.AdamW(adapted.param_groups(0.0), lr=lr)
-    adapted.model.train()
-    losses = []
-    for step in range(steps):
-        adapted.hooks.call("on_step_start", step, adapted)
-        loss = adapted.model(**data).loss
-        loss.backward()
-        adapted.hooks.call("after_backward", step, adapted)
-        opt.step()
-        if adapted.optimizer_step is not None:
-            adapted.optimizer_step(opt)
-        opt.zero_grad()
-        adapted.hooks.call("on_step_end", step + 1, adapted)
-        losses.append(loss.item())
+    """``steps`` calls of the real ``Trainer.train_step``; returns each step's loss (before its update)."""
+    trainer = make_trainer(adapted, steps, lr, data)
+    trainer.model.train()
+    losses = [trainer.train_step()[0] for _ in range(steps)]
     adapted.model.eval()
     return losses
 
@@ -147,7 +160,7 @@ class TestContract:
             with pytest.raises(ConfigError, match=r"r: -1 must be > 0"):
                 cls(**bad)
         else:
-            from slimtune.config import build
+            from slimtune.schema import build
 
             problems = []
             build(cls, {"freeze_embeddings": "yes"}, "method", problems)
@@ -210,3 +223,45 @@ def test_qlora_bnb_stays_differentiable_after_an_eval_pass():
     x = torch.randn(2, 3, lin.in_features, requires_grad=True)
     lin(x).sum().backward()
     assert x.grad is not None
+
+
+class _Recorder:
+    """Wraps an Adapted's callbacks to record the order the trainer calls them in."""
+
+    def __init__(self, adapted, log):
+        for name in ("on_step_start", "after_backward", "optimizer_step", "on_step_end"):
+            real = getattr(adapted, name)
+            setattr(adapted, name, self._wrap(name, real, log))
+
+    @staticmethod
+    def _wrap(name, real, log):
+        def call(arg):
+            log.append((name, arg if isinstance(arg, int) else "optimizer"))
+            return real(arg)
+
+        return call
+
+
+def test_trainer_calls_the_callbacks_in_the_documented_order(monkeypatch):
+    """on_step_start -> every micro-batch's backward -> after_backward -> optimizer -> optimizer_step ->
+    on_step_end(steps completed), as Adapted's docstring says."""
+    a = make("meft", {"r": 256, "k": 16, "experts": 16, "n_probe": 4})
+    log = []
+    _Recorder(a, log)
+    trainer = make_trainer(a, 2, 1e-2, batch(b=4), grad_accum=2)
+    real_backward = trainer.acc.backward
+    monkeypatch.setattr(
+        trainer.acc, "backward", lambda loss: (log.append(("backward", None)), real_backward(loss))
+    )
+    real_opt_step = trainer.optimizer.step
+    monkeypatch.setattr(
+        trainer.optimizer, "step", lambda *a, **k: (log.append(("adamw", None)), real_opt_step())
+    )
+    trainer.model.train()
+    trainer.train_step()
+    trainer.train_step()
+    one = [("backward", None), ("backward", None), ("adamw", None), ("optimizer_step", "optimizer")]
+    assert log == [
+        ("on_step_start", 0), *one[:2], ("after_backward", 0), *one[2:], ("on_step_end", 1),
+        ("on_step_start", 1), *one[:2], ("after_backward", 1), *one[2:], ("on_step_end", 2),
+    ]  # fmt: skip

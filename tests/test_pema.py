@@ -1,4 +1,4 @@
-"""PEMA (offsite tuning with an external memory): specs/pema.md §11 on a tiny Llama (hidden 64, 2 layers)."""
+"""PEMA (offsite tuning with an external memory): docs/methods/pema.md on a tiny Llama (hidden 64, 2 layers)."""
 
 import math
 
@@ -7,17 +7,10 @@ import torch
 
 from slimtune.errors import ConfigError
 from slimtune.methods import make_config
-from slimtune.methods.pema import (
-    ExternalMemory,
-    Owner,
-    PEMAAdapter,
-    build_memory,
-    gu_lambda,
-    mix_log_probs,
-    pema_generate,
-    train_pema,
-)
+from slimtune.methods.pema.layer import ExternalMemory, PEMAAdapter, build_memory, gu_lambda, mix_log_probs
+from slimtune.methods.pema.owner import Owner
 from slimtune.models import tiny_llama
+from slimtune.recipes.pema import pema_generate, train_pema
 
 STOP = 2
 
@@ -116,15 +109,15 @@ def test_two_stages_train_2rd_parameters_each_and_b_rct_is_frozen_in_stage_two(m
             snapshots["b_rct"] = adapter_ref[0].pema_B_rct.detach().clone()
 
     adapter_ref = []
-    from slimtune.methods.pema import data_owner
+    from slimtune.recipes import pema as recipe
 
-    real = data_owner.PEMAAdapter
+    real = recipe.PEMAAdapter
 
     def capture(*a, **kw):
         adapter_ref.append(real(*a, **kw))
         return adapter_ref[0]
 
-    monkeypatch.setattr(data_owner, "PEMAAdapter", capture)
+    monkeypatch.setattr(recipe, "PEMAAdapter", capture)
     adapter, history = train_pema(head, mem, mem, c, log=log)
     assert seen == [2 * 16 * 64, 2 * 16 * 64]
     assert torch.equal(adapter.pema_B_rct, snapshots["b_rct"])
@@ -155,7 +148,7 @@ def test_gradual_unrolling_closed_form():
 
 
 def test_gu_horizons_use_only_test_time_lengths():
-    from slimtune.methods.pema.workflow import gu_horizons
+    from slimtune.recipes.pema import gu_horizons
 
     assert gu_horizons(cfg(gu_ratio=1.5), [30, 40], [1, 4]) == [2, 6]
     assert gu_horizons(cfg(gu_ratio=1.5, gu_horizon="prompt_and_source"), [30, 40], [1, 4]) == [32, 46]
@@ -215,7 +208,7 @@ def test_cli_workflow_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, instr
     assert main(["pema", "train", str(path)]) == 2  # nothing built yet
     assert "run `slimtune pema build-memory` first" in capsys.readouterr().err
     assert main(["train", str(path)]) == 2  # not a single training run
-    assert "two-party workflow" in capsys.readouterr().err
+    assert "is a workflow, not a trainer method" in capsys.readouterr().err
     assert main(["pema", "build-memory", str(path)]) == 0
     assert main(["pema", "build-memory", str(path)]) == 2  # never overwrites
     capsys.readouterr()

@@ -10,7 +10,6 @@ from tests.conftest import write_jsonl
 from slimtune import api
 from slimtune import config as C
 from slimtune.cli import main
-from slimtune.methods.base import TrainerHooks
 
 
 def run_cfg(model_dir, data, out, **train):
@@ -73,11 +72,11 @@ def test_resume_continues_the_same_run(tiny_model_dir, instr_jsonl, tmp_path, mo
     def crashing_prepare(cfg):
         p = real_prepare(cfg)
 
-        def boom(step, adapted):
+        def boom(step):
             if step == 3:
                 raise RuntimeError("simulated crash")
 
-        p.adapted.hooks = TrainerHooks(on_step_end=boom)
+        p.adapted.on_step_end = boom
         return p
 
     monkeypatch.setattr(api, "prepare", crashing_prepare)

@@ -1,4 +1,4 @@
-"""PST (parameter-efficient sparse training): the tests of specs/pst.md §6.5 on a tiny Llama."""
+"""PST (parameter-efficient sparse training): the tests of docs/methods/pst.md on a tiny Llama."""
 
 import copy
 
@@ -9,17 +9,14 @@ from torch import nn
 
 from slimtune.errors import ConfigError, UserError
 from slimtune.methods import apply, make_config
-from slimtune.methods.pst import (
-    PSTLinear,
+from slimtune.methods.pst.apply import (
     context_positions,
     cubic_sparsity,
-    n_pruned,
-    nm_mask,
     pst_layers,
     set_sparsity,
     sparsity_report,
-    topk_mask,
 )
+from slimtune.methods.pst.layer import PSTLinear, n_pruned, nm_mask, topk_mask
 from slimtune.models import tiny_llama
 
 
@@ -81,13 +78,13 @@ def run_schedule(a, steps, lr=1e-2, data=None):
     data = data or batch()
     losses, zeros = [], []
     for step in range(steps):
-        a.hooks.call("on_step_start", step, a)
+        a.on_step_start(step)
         a.model.train()
         loss = a.model(**data).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-        a.hooks.call("on_step_end", step + 1, a)
+        a.on_step_end(step + 1)
         losses.append(loss.item())
         zeros.append(sum(int((~m.keep_mask()).sum()) for m in pst_layers(a.model).values()))
     return losses, zeros

@@ -1,4 +1,4 @@
-"""QST acceptance checks (../shared/specs/qst.md §8) on tiny Llamas, plus the 7B accounting on the meta device."""
+"""QST acceptance checks (docs/methods/qst.md) on tiny Llamas, plus the 7B accounting on the meta device."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ from tests.conftest import batch
 from slimtune.bench.shapes import build_shape, shape_config
 from slimtune.errors import ConfigError
 from slimtune.methods import apply, make_config
-from slimtune.methods.qst import QSTConfig, SideNetwork
+from slimtune.methods.qst import QSTConfig
+from slimtune.methods.qst.layer import SideNetwork
 from slimtune.models import tiny_llama
 from slimtune.quant.backbone import bnb_works, nf4_weight_bytes, quantize_decoder
 
@@ -221,7 +222,7 @@ def test_gradcheck_downsamples_float64(kind):
     RMSNorm computes in fp32, so the whole side network is covered by the parity test above instead)."""
     from torch.func import functional_call
 
-    from slimtune.methods.qst.side_net import Downsample
+    from slimtune.methods.qst.layer import Downsample
 
     torch.manual_seed(0)
     mod = Downsample(kind, 16, 4, rank=3, dropout=0.0).double()

@@ -88,7 +88,7 @@ def test_sat_rate_zero_trains_bit_identically_on_smollm2():
 
 
 def test_pema_head_reproduces_smollm2_logits_from_pre_norm_states():
-    from slimtune.methods.pema import Owner
+    from slimtune.methods.pema.owner import Owner
 
     model, tok = _fresh_smol()
     owner = Owner(model, tok.pad_token_id)
@@ -96,3 +96,16 @@ def test_pema_head_reproduces_smollm2_logits_from_pre_norm_states():
     prompts = [tok("Translate this English text to German: Save").input_ids, tok("Delete").input_ids]
     _, f, logits = owner.begin(prompts)
     torch.testing.assert_close(head.logits(f), logits, atol=1e-3, rtol=1e-4)
+
+
+def test_a_gguf_file_given_by_path_evaluates(capsys):
+    """Regression: a model given as a .gguf path crashed at the first forward (the rebuilt model's rotary
+    inv_freq, a non-persistent buffer, stayed on the meta device)."""
+    from slimtune.cli import main
+    from slimtune.models import ALIASES, alias_source
+
+    gguf = alias_source("smollm2-135m")
+    assert gguf.name == ALIASES["smollm2-135m"].gguf_file
+    code = main(["eval", "--model", str(gguf), "--task", "sentiment", "--eval-size", "4", "--samples", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "eval: eval loss" in out and "(4 examples)" in out

@@ -1,4 +1,4 @@
-"""SAT (sparsity-accelerated training): the acceptance checks of specs/sat.md §6.4 / §8 on a tiny Llama
+"""SAT (sparsity-accelerated training): the acceptance checks of docs/methods/sat.md on a tiny Llama
 (hidden 64, FFN 128, 4 query heads in 2 KV groups, 2 layers)."""
 
 import pytest
@@ -7,8 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from slimtune.errors import ConfigError
 from slimtune.methods import apply, make_config
-from slimtune.methods.sat import OmissionSchedule, remove_sat, sat_modules
-from slimtune.methods.sat.select import choose, n_kept
+from slimtune.methods.sat.apply import remove_sat, sat_modules
+from slimtune.methods.sat.config import OmissionSchedule
+from slimtune.methods.sat.layer import choose, n_kept
 from slimtune.models import tiny_llama
 
 
@@ -177,7 +178,7 @@ def test_every_metric_runs_and_selection_changes_across_micro_batches(metric):
 
 
 def test_wanda_scores_ignore_padding_tokens():
-    from slimtune.methods.sat.select import mlp_scores
+    from slimtune.methods.sat.layer import mlp_scores
 
     mlp = tiny_llama(seed=0).model.layers[0].mlp
     x = torch.randn(2, 6, 64)
@@ -212,7 +213,7 @@ def test_trainer_hooks_follow_the_ladder_and_the_last_phase_is_dense():
     a.total_steps = 10
     seen = []
     for step in range(10):
-        a.hooks.call("on_step_start", step, a)
+        a.on_step_start(step)
         out = fwd_bwd(a.model, padded_batch(step))
         seen.append((a.extra_state["omission_rate"], len(a.controller.cache)))
         assert out.loss.isfinite()
@@ -268,13 +269,12 @@ def test_freeze_omitted_keeps_omitted_rows_through_adamw():
         a = make(rate=0.5, metric="uniform", selection="sampling", optimizer_mask=mask)
         opt = torch.optim.AdamW(a.trainable_parameters(), lr=1e-2, weight_decay=0.1)
         for step in range(2):
-            a.hooks.call("on_step_start", step, a)
+            a.on_step_start(step)
             before = a.model.model.layers[0].mlp.gate_proj.weight.detach().clone()
             fwd_bwd(a.model, padded_batch(step))
-            a.hooks.call("after_backward", step, a)
+            a.after_backward(step)
             opt.step()
-            if a.optimizer_step is not None:
-                a.optimizer_step(opt)
+            a.optimizer_step(opt)
         omitted = ~a.controller.union[(0, "mlp")]
         after = a.model.model.layers[0].mlp.gate_proj.weight.detach()
         return torch.equal(after[omitted], before[omitted]), torch.equal(after[~omitted], before[~omitted])
@@ -315,7 +315,7 @@ def test_bad_sat_configs_are_reported_by_key():
 def test_flop_shares_reproduce_the_spec_table_and_limits():
     from transformers import LlamaConfig
 
-    from slimtune.methods.sat.stats import flop_shares, speed_limit
+    from slimtune.methods.sat.flops import flop_shares, speed_limit
 
     smol = LlamaConfig(
         hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -430,7 +430,7 @@ def test_omit_backward_with_a_scoring_metric_gives_the_dense_loss(metric):
 
 
 def test_dense_label_tokens_run_the_whole_mlp_at_answer_positions():
-    from slimtune.methods.sat.ops import mlp_forward
+    from slimtune.methods.sat.layer import mlp_forward
 
     data = padded_batch()
     data["labels"][:, :9] = -100  # only the last positions are answers

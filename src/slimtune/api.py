@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from slimtune.data import load_split
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult
 from slimtune.methods import apply as apply_method
+from slimtune.methods import make_config, require_trainer
 from slimtune.methods.base import Adapted
 from slimtune.tasks import get_task
 from slimtune.trainer import Trainer
@@ -65,13 +67,15 @@ class Prepared:
     tok: object
 
 
-def prepare(cfg: C.RunConfig) -> Prepared:
+def prepare(cfg: C.RunConfig, loaded: tuple | None = None) -> Prepared:
+    """Seed, set threads, load the model on the default device (or take ``loaded`` = (model, tokenizer)) and
+    apply the method. `slimtune train`, `eval`, `generate`, `export` and `bench` all start here."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    model, tok = models.load(
-        cfg.model.name, cfg.model.dtype, device="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    if loaded is None:
+        loaded = models.load(cfg.model.name, cfg.model.dtype, device=models.default_device())
+    model, tok = loaded
     return Prepared(apply_method(model, cfg.method), tok)
 
 
@@ -93,6 +97,27 @@ def _shared_run_dir(cfg: C.RunConfig, state) -> Path:
     return Path(chosen)
 
 
+def _param_counts(adapted: Adapted) -> tuple[int, int]:
+    """(trainable, total) parameters, counting tensors a method keeps outside the model (MEFT's host store)."""
+    n_train = sum(x.numel() for x in adapted.trainable_parameters())
+    in_model = {id(x) for x in adapted.model.parameters()}
+    n_total = sum(x.numel() for x in adapted.model.parameters()) + sum(
+        x.numel() for x in adapted.trainable_parameters() if id(x) not in in_model
+    )
+    return n_train, n_total
+
+
+def _eval_before(trainer: Trainer, run_dir: Path, resumed: bool, main: bool) -> EvalResult:
+    """The evaluation before training (read back when a resumed run already has it)."""
+    path = run_dir / "eval_before.json"
+    if resumed and path.is_file():
+        return EvalResult(**json.loads(path.read_text()))
+    before = trainer.run_eval()
+    if main:
+        path.write_text(json.dumps(before.__dict__, indent=2))
+    return before
+
+
 def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     """Run one training job end to end; print before/after results; return the results dict.
 
@@ -100,39 +125,27 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     """
     from accelerate import PartialState
 
+    spec = require_trainer(cfg.method.name, "train")  # a workflow (PEMA) is refused before anything loads
     state = PartialState()
     main = state.is_main_process
     say = _say if main else (lambda *_: None)
     t0 = time.perf_counter()
     run_dir = resume_dir if resume_dir is not None else _shared_run_dir(cfg, state)
     task = get_task(cfg.data.task) if cfg.data.task else None
-    peft_based = cfg.method.name in ("lora", "qlora") or getattr(cfg.method, "lora_r", 0) > 0
     # before the model exists: what any job in this process carries (with the libraries the method imports)
-    runtime = memory.runtime_rss_bytes(("peft",) if peft_based else ())
+    runtime = memory.runtime_rss_bytes(spec.needs + cfg.method.needs())
     p = prepare(cfg)
     train_data, eval_data, eval_records, fmt = load_split(cfg.data, p.tok)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         C.save_config(cfg, run_dir / RUN_CONFIG)
-    n_train = sum(x.numel() for x in p.adapted.trainable_parameters())
-    in_model = {id(x) for x in p.adapted.model.parameters()}
-    n_total = sum(x.numel() for x in p.adapted.model.parameters()) + sum(
-        x.numel()
-        for x in p.adapted.trainable_parameters()
-        if id(x) not in in_model  # e.g. MEFT's host store
-    )
+    n_train, n_total = _param_counts(p.adapted)
     say(
         f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
         f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}"
     )
     trainer = Trainer(p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir)
-    before_path = run_dir / "eval_before.json"
-    if resume_dir is not None and before_path.is_file():
-        before = EvalResult(**json.loads(before_path.read_text()))
-    else:
-        before = trainer.run_eval()
-        if main:
-            before_path.write_text(json.dumps(before.__dict__, indent=2))
+    before = _eval_before(trainer, run_dir, resume_dir is not None, main)
     if main:
         print_eval("before", before)
     result = trainer.train(resume=resume_dir is not None)
@@ -142,6 +155,19 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         return {}
     print_eval("after ", after)
     print_samples(before, after)
+    facts = {"t0": t0, "runtime_rss_bytes": runtime, "trainable_params": n_train, "total_params": n_total}
+    results = _write_results(cfg, p, trainer, result, (before, after), run_dir, facts)
+    _say(
+        f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
+        f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}"
+    )
+    _say(f"saved: {results['saved']}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
+    return results
+
+
+def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: Path, facts: dict) -> dict:
+    """Save the trained method to ``<run>/final``; write and return ``<run>/results.json``."""
+    before, after = evals
     final = p.adapted.save(run_dir / FINAL, {"base_model": cfg.model.name, "dtype": cfg.model.dtype})
     mem = p.adapted.memory_report()
     mem["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
@@ -155,22 +181,17 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         "train_loss_first": result.first_loss,
         "train_loss_last": result.last_loss,
         "train_wall_s": result.train_s,
-        "total_wall_s": time.perf_counter() - t0,
+        "total_wall_s": time.perf_counter() - facts["t0"],
         "tokens": result.tokens,
         "peak_bytes": result.peak_bytes,
-        "runtime_rss_bytes": runtime,
-        "trainable_params": n_train,
-        "total_params": n_total,
+        "runtime_rss_bytes": facts["runtime_rss_bytes"],
+        "trainable_params": facts["trainable_params"],
+        "total_params": facts["total_params"],
         "memory_by_role": mem,
         "samples": after.samples,
         "saved": str(final),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    _say(
-        f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
-        f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}"
-    )
-    _say(f"saved: {final}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
     return results
 
 
@@ -187,6 +208,44 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[C
     p.adapted.load(src)
     p.adapted.model.eval()
     return cfg, p
+
+
+def load_target(run_dir: str | Path | None, model: str | None) -> tuple[C.RunConfig | None, Prepared]:
+    """A finished run (``run_dir``) or a bare model (``model``: alias, HF dir, .gguf) with no method applied."""
+    if run_dir:
+        return load_run(run_dir)
+    if not model:
+        raise UserError("give a RUN_DIR or --model NAME")
+    loaded = models.load(model)
+    return None, Prepared(apply_method(loaded[0], make_config("full")), loaded[1])
+
+
+def evaluate_target(
+    run_dir: str | Path | None,
+    model: str | None = None,
+    task: str | None = None,
+    eval_size: int | None = None,
+    samples: int = 3,
+) -> EvalResult:
+    """`slimtune eval`: a run on its own held-out data (or ``task``), or a bare model on ``task``; prints the
+    result and ``samples`` generations. ``eval_size`` overrides how many held-out examples are scored."""
+    from slimtune.evaluate import evaluate
+
+    if eval_size is not None and eval_size < 1:
+        raise UserError(f"--eval-size: {eval_size} must be a positive number of examples")
+    cfg, p = load_target(run_dir, model)
+    if task:
+        data_cfg = C.DataConfig(task=task, eval_size=200 if eval_size is None else eval_size)
+    elif cfg is None:
+        raise UserError("eval: give --task with --model")
+    else:
+        data_cfg = cfg.data if eval_size is None else dataclasses.replace(cfg.data, eval_size=eval_size)
+    _, evald, records, _ = load_split(data_cfg, p.tok)
+    task_obj = get_task(data_cfg.task) if data_cfg.task else None
+    res = evaluate(p.adapted, p.tok, evald, records, task_obj, batch_size=8, num_samples=samples)
+    print_eval("eval", res)
+    print_samples(None, res)
+    return res
 
 
 def export(run_dir: str | Path, out_dir: str | Path) -> Path:

@@ -53,13 +53,18 @@ def load_checkpoint(run_dir: Path, adapted: Adapted, optimizer, scheduler) -> di
     rng = load_file(str(ckpt / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        states = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=_cuda_index)]
         if states:
             torch.cuda.set_rng_state_all(states)
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     v, internal, gauss = state.pop("python_rng")
     random.setstate((v, tuple(internal), gauss))
     return state
+
+
+def _cuda_index(key: str) -> int:
+    """``cuda10`` -> 10: RNG states are restored in device order (a plain sort puts cuda10 before cuda2)."""
+    return int(key.removeprefix("cuda"))
 
 
 def has_checkpoint(run_dir: Path) -> bool:

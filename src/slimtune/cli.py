@@ -6,7 +6,6 @@ User errors print one line (``slimtune: error: ...``) and exit with code 2, neve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ def _quiet() -> None:
 def cmd_train(args) -> int:
     from slimtune import api
     from slimtune import config as C
+    from slimtune.methods import require_trainer
 
     if args.resume:
         run = Path(args.resume)
@@ -42,11 +42,13 @@ def cmd_train(args) -> int:
         if args.config:
             args.overrides = [args.config, *args.overrides] if "=" in args.config else args.overrides
         cfg = C.load_config(run / api.RUN_CONFIG, args.overrides)
+        require_trainer(cfg.method.name, "train")
         api.train(cfg, resume_dir=run)
         return 0
     if not args.config:
         raise UserError("train: give a CONFIG.yaml (or --resume RUN_DIR)")
     cfg = C.load_config(args.config, args.overrides)
+    require_trainer(cfg.method.name, "train")  # before the model (and accelerate) load
     api.train(cfg)
     return 0
 
@@ -67,9 +69,10 @@ def cmd_list(args) -> int:
     from slimtune.models import ALIASES
     from slimtune.tasks import TASKS
 
-    print("methods:")
+    print("methods (trainer: `slimtune train` / `bench`; workflow: its own command):")
     for spec in METHODS.values():
-        print(f"  {spec.name:<8} {spec.summary}")
+        how = spec.kind if spec.command is None else f"{spec.kind}: `{spec.command}`"
+        print(f"  {spec.name:<8} [{how}] {spec.summary}")
     print("model aliases:")
     for name, alias in ALIASES.items():
         print(f"  {name:<14} {alias.description}")
@@ -79,51 +82,20 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _load_target(args):
-    """A finished run (RUN_DIR) or a bare model (--model) with no method applied."""
-    from slimtune import api, models
-    from slimtune.methods import apply, make_config
-
-    if args.run:
-        return api.load_run(args.run)
-    if not args.model:
-        raise UserError("give a RUN_DIR or --model NAME")
-    model, tok = models.load(args.model)
-    return None, api.Prepared(apply(model, make_config("full")), tok)
-
-
 def cmd_eval(args) -> int:
     from slimtune import api
-    from slimtune.data import load_split
-    from slimtune.evaluate import evaluate
-    from slimtune.tasks import get_task
 
-    cfg, p = _load_target(args)
-    data_cfg = cfg.data if cfg is not None else None
-    if args.eval_size is not None and args.eval_size < 1:
-        raise UserError(f"--eval-size: {args.eval_size} must be a positive number of examples")
-    if args.task:
-        from slimtune.config import DataConfig
-
-        data_cfg = DataConfig(task=args.task, eval_size=200 if args.eval_size is None else args.eval_size)
-    elif data_cfg is not None and args.eval_size is not None:
-        data_cfg = dataclasses.replace(data_cfg, eval_size=args.eval_size)
-    if data_cfg is None:
-        raise UserError("eval: give --task with --model")
-    _, evald, records, _ = load_split(data_cfg, p.tok)
-    task = get_task(data_cfg.task) if data_cfg.task else None
-    res = evaluate(p.adapted, p.tok, evald, records, task, batch_size=8, num_samples=args.samples)
-    api.print_eval("eval", res)
-    api.print_samples(None, res)
+    res = api.evaluate_target(args.run, args.model, args.task, args.eval_size, args.samples)
     if args.json:
         Path(args.json).write_text(json.dumps(res.summary(), indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
+    from slimtune import api
     from slimtune.evaluate import generate
 
-    _, p = _load_target(args)
+    _, p = api.load_target(args.run, args.model)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     records = [{"instruction": q, "input": ""} for q in prompts]
     for q, out in zip(prompts, generate(p.adapted, p.tok, records, args.max_new_tokens, batch_size=8)):
@@ -167,7 +139,7 @@ def cmd_bench(args) -> int:
 
 def cmd_pema(args) -> int:
     from slimtune import config as C
-    from slimtune.methods.pema import workflow
+    from slimtune.recipes import pema as workflow
 
     cfg = C.load_config(args.config, args.overrides)
     if args.step != "generate" and (args.split != "test" or args.out):
@@ -179,10 +151,7 @@ def cmd_pema(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-
+def _add_config_commands(sub) -> None:
     t = sub.add_parser("train", help="train from a YAML config (+ dotted key=value overrides)")
     t.add_argument("config", nargs="?", help="CONFIG.yaml")
     t.add_argument("overrides", nargs="*", help="e.g. train.steps=100 method.r=8")
@@ -197,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="methods, model aliases and tasks")
     lst.set_defaults(fn=cmd_list)
 
+
+def _add_run_commands(sub) -> None:
     for name, fn, helptext in (
         ("eval", cmd_eval, "evaluate a run (or a base model on a task)"),
         ("generate", cmd_generate, "greedy generations from a run or a base model"),
@@ -218,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-new-tokens", type=int, default=64)
         s.set_defaults(fn=fn)
 
+    e = sub.add_parser("export", help="write a merged plain HF model from a run")
+    e.add_argument("run", help="RUN_DIR")
+    e.add_argument("--out", required=True, help="new directory for the merged model")
+    e.set_defaults(fn=cmd_export)
+
+
+def _add_bench_command(sub) -> None:
     b = sub.add_parser("bench", help="measure methods side by side (each run in a fresh process)")
     b.add_argument("config", nargs="?", help="a YAML under benchmarks/ (model, batch, ..., runs: [...])")
     b.add_argument("overrides", nargs="*", help="method settings, e.g. lora.r=64 qlora.backend=torch")
@@ -233,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="new directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)
 
+
+def _add_pema_command(sub) -> None:
     pm = sub.add_parser(
         "pema", help="PEMA offsite tuning: build-memory (owner), train (data owner), generate"
     )
@@ -248,10 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--out", help="generate: a new directory for results.json (default: OUTPUT_DIR/generate)")
     pm.set_defaults(fn=cmd_pema)
 
-    e = sub.add_parser("export", help="write a merged plain HF model from a run")
-    e.add_argument("run", help="RUN_DIR")
-    e.add_argument("--out", required=True, help="new directory for the merged model")
-    e.set_defaults(fn=cmd_export)
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_config_commands(sub)
+    _add_run_commands(sub)
+    _add_bench_command(sub)
+    _add_pema_command(sub)
     return ap
 
 

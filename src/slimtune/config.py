@@ -1,52 +1,22 @@
 """Run configuration: YAML -> nested dataclasses, dotted ``key=value`` overrides, all problems reported at once.
 
-Every config dataclass lists its fields with a docstring line each and a ``check()`` that returns
-``(field, message)`` pairs; :func:`build` turns a plain dict into the dataclass, collecting unknown keys, wrong
-types and bad values from every section before raising one :class:`~slimtune.errors.ConfigError`.
+The sections (model, data, train) are :class:`~slimtune.schema.Checked` dataclasses; ``method`` is the config
+class the method registry names. :func:`from_dict` collects the problems of every section before raising one
+:class:`~slimtune.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from slimtune.errors import ConfigError, UserError
-
-Problem = tuple[str, str]  # (field name, message)
-
-
-class Checked:
-    """Mixin: ``__post_init__`` raises a ConfigError listing every problem ``check()`` finds."""
-
-    def check(self) -> list[Problem]:
-        return []
-
-    def __post_init__(self) -> None:
-        problems = self.check()
-        if problems:
-            raise ConfigError([f"{k}: {msg}" for k, msg in problems])
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> list[Problem]:
-    if value not in allowed:
-        return [(name, f"{value!r} is not one of {', '.join(map(str, allowed))}")]
-    return []
-
-
-def _positive(obj: Any, *names: str, allow_zero: bool = False) -> list[Problem]:
-    out = []
-    for n in names:
-        v = getattr(obj, n)
-        if v is not None and (v < 0 or (v == 0 and not allow_zero)):
-            out.append((n, f"{v!r} must be {'>= 0' if allow_zero else '> 0'}"))
-    return out
+from slimtune.schema import Checked, Problem, build, choice, positive
 
 
 @dataclass
@@ -57,7 +27,7 @@ class ModelConfig(Checked):
     """Weight/compute dtype: auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16."""
 
     def check(self) -> list[Problem]:
-        return _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        return choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -82,8 +52,8 @@ class DataConfig(Checked):
     """Seed of the fixed train/eval split of built-in tasks."""
 
     def check(self) -> list[Problem]:
-        out = _choice("format", self.format, ("auto", "text", "instruction", "chat"))
-        out += _positive(self, "max_length", "train_size", "eval_size")
+        out = choice("format", self.format, ("auto", "text", "instruction", "chat"))
+        out += positive(self, "max_length", "train_size", "eval_size")
         if self.task is None and self.path is None:
             out.append(("task", "give either data.task or data.path"))
         if self.task is not None and self.path is not None:
@@ -140,8 +110,8 @@ class TrainConfig(Checked):
     """torch CPU threads (None: torch's default)."""
 
     def check(self) -> list[Problem]:
-        out = _positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "threads")
-        out += _positive(
+        out = positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "threads")
+        out += positive(
             self,
             "weight_decay",
             "warmup_steps",
@@ -151,7 +121,7 @@ class TrainConfig(Checked):
             "num_generations",
             allow_zero=True,
         )
-        out += _choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        out += choice("schedule", self.schedule, ("cosine", "linear", "constant"))
         try:
             self.output_dir.format(method="m", task="t", time="0")
         except (KeyError, IndexError, ValueError):
@@ -161,7 +131,7 @@ class TrainConfig(Checked):
                     f"{self.output_dir!r} may only use the placeholders {{method}}, {{task}}, {{time}}",
                 )
             )
-        out += _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        out += choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         return out
 
 
@@ -178,106 +148,6 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["method"] = self.method.to_dict()
         return d
-
-
-# ---------------------------------------------------------------- dict -> dataclass with collected problems
-
-
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        names = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names) + (" or null" if type(None) in args else "")
-    if typing.get_origin(tp) is list:
-        return f"a list of {_type_name(args[0])}"
-    if typing.get_origin(tp) is dict:
-        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Return (ok, value) converting YAML scalars to the annotated type where that is lossless."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return False, value
-        items = [_coerce(v, inner) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            return False, value
-        out = {}
-        for k, v in value.items():
-            if key_tp is int and isinstance(k, str) and k.strip().isdigit():  # `a.b.3=x` overrides
-                k = int(k)
-            ok_k, k = _coerce(k, key_tp)
-            ok_v, v = _coerce(v, val_tp)
-            if not (ok_k and ok_v):
-                return False, value
-            out[k] = v
-        return True, out
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if tp is Any:
-        return True, value
-    return isinstance(value, tp), value
-
-
-def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from ``data``; append 'dotted.key: message' strings to ``problems``."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix}: expected a mapping of keys, got {type(data).__name__} {data!r}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs, local = {}, []
-    for key, value in data.items():
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = (
-                f" (did you mean '{prefix}.{near[0]}'?)"
-                if near
-                else f" (allowed: {', '.join(sorted(fields))})"
-            )
-            local.append(f"{prefix}.{key}: unknown key{hint}")
-            continue
-        ok, coerced = _coerce(value, hints[key])
-        if not ok:
-            local.append(f"{prefix}.{key}: {value!r} is not {_type_name(hints[key])}")
-            continue
-        kwargs[key] = coerced
-    problems.extend(local)
-    try:  # value checks still run on the well-typed keys (defaults stand in for the rest)
-        obj = cls(**kwargs)
-    except ConfigError as err:
-        problems.extend(f"{prefix}.{p}" for p in err.problems)
-        return None
-    return None if local else obj
 
 
 # ---------------------------------------------------------------- YAML + overrides
@@ -364,9 +234,23 @@ def from_dict(raw: dict) -> RunConfig:
         else:
             rest = {k: v for k, v in method_raw.items() if k != "name"}
             method = build(METHODS[name].config_cls, rest, "method", problems)
+            problems += _unused_train_keys(METHODS[name], raw.get("train"))
     if problems:
         raise ConfigError(problems)
     return RunConfig(model=model, data=data, train=train, method=method)
+
+
+def _unused_train_keys(spec, train_raw) -> list[str]:
+    """A workflow (PEMA) reads only some ``train.*`` keys; setting another one would be silently ignored."""
+    if spec.train_keys is None or not isinstance(train_raw, dict):
+        return []
+    out = []
+    for key in train_raw:
+        if key in spec.train_keys:
+            continue
+        hint = f"; set {spec.instead[key]} instead" if key in spec.instead else ""
+        out.append(f"train.{key}: not used by method {spec.name} (a workflow: `{spec.command}`){hint}")
+    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from slimtune.errors import UserError
+from slimtune.losses import IGNORE
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 FORMAT_FIELDS = {"text": ("text",), "instruction": ("instruction", "output"), "chat": ("messages",)}
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+"""The label that marks a position as not a training target (PyTorch's and transformers' ``ignore_index``)."""
 
 
 class _FrozenHeadCE(torch.autograd.Function):

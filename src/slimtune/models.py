@@ -51,7 +51,8 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("slimtune"))
 
 
-def _alias_source(name: str) -> Path:
+def alias_source(name: str) -> Path:
+    """The GGUF file an alias is read from (in its installed package)."""
     alias = ALIASES[name]
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
@@ -77,8 +78,18 @@ def _fresh_copy(model: nn.Module) -> nn.Module:
             delattr(config, attr)
     with torch.device("meta"):
         fresh = type(model)(config)
-    fresh.load_state_dict(model.state_dict(), assign=True)
+    state = model.state_dict()
+    fresh.load_state_dict(state, assign=True)
+    # buffers outside the state dict (non-persistent: the rotary inv_freq) stay on the meta device after
+    # load_state_dict; take them from the loaded model, which computed them
+    for name, buf in model.named_buffers():
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            fresh.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
     fresh.tie_weights()
+    meta = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"rebuilding {type(model).__name__} left tensors unset: {meta[:3]}")
     return fresh.eval()
 
 
@@ -95,7 +106,7 @@ def _cached_alias(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = _alias_source(name)
+    gguf = alias_source(name)
     log.warning("first use of '%s': dequantizing %s (about 30 s, once)", name, gguf.name)
     model, tok = _load_gguf(gguf, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,10 +143,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return table[dtype]
 
 
-def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """Load ``(model, tokenizer)`` from an alias, an HF model directory or a ``.gguf`` file, offline."""
+def default_device() -> str:
+    """Where models run unless told otherwise: the first CUDA device when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
+    """Load ``(model, tokenizer)`` from an alias, an HF model directory or a ``.gguf`` file, offline, with the
+    model's weights on ``device`` (default: :func:`default_device`) in ``dtype`` (``auto``: per device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if name_or_path in ALIASES:
         path = _cached_alias(name_or_path)
@@ -157,7 +175,7 @@ def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str = "cp
             raise UserError(f"model.name '{name_or_path}': directory has no config.json (not an HF model)")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    model = model.to(dtype=torch_dtype).eval()
+    model = model.to(device=device, dtype=torch_dtype).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,15 @@ class Trainer:
         task: Task | None,
         run_dir: Path,
         accelerator=None,
+        hold_schedules: bool = False,
     ):
+        """``hold_schedules``: tell the method the run length is unknown (``total_steps = None``), so schedules
+        stay at their first rung (benchmarks time a fixed state, not a schedule)."""
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.mixed_precision)
-        adapted.total_steps = cfg.steps
+        adapted.total_steps = None if hold_schedules else cfg.steps
         params = adapted.trainable_parameters()
         if not params:
             raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
@@ -121,7 +125,7 @@ class Trainer:
                 self._writer.add_scalar(k, v, record["step"])
 
     def run_eval(self, with_metric: bool | None = None) -> EvalResult:
-        self.adapted.hooks.call("on_eval_start", self.step, self.adapted)
+        self.adapted.on_eval_start(self.step)
         res = evaluate(
             self.adapted,
             self.tok,
@@ -145,31 +149,32 @@ class Trainer:
             self.acc.backward(loss)
         return out.loss.item(), int(batch["attention_mask"].sum())
 
-    def train_step(self) -> tuple[float, int, float | None]:
-        """One optimizer step over ``grad_accum`` micro-batches, with the method's hooks.
+    def train_step(self, with_grads: Callable[[], None] | None = None) -> tuple[float, int, float | None]:
+        """One optimizer step over ``grad_accum`` micro-batches, calling the method's callbacks in the order
+        :class:`~slimtune.methods.base.Adapted` documents. ``with_grads`` is called once the gradients exist
+        (after the method's ``after_backward``, before clipping): benchmarks read memory by role there.
 
         Returns (mean micro-batch loss, tokens seen, gradient norm before clipping or None).
         """
-        cfg, hooks = self.cfg, self.adapted.hooks
-        hooks.call("on_step_start", self.step, self.adapted)
+        cfg, adapted = self.cfg, self.adapted
+        adapted.on_step_start(self.step)
         losses, tokens = [], 0
         for micro in range(cfg.grad_accum):
             loss, ntok = self._micro_step(next(self.stream), last=micro == cfg.grad_accum - 1)
             losses.append(loss)
             tokens += ntok
-        hooks.call("after_backward", self.step, self.adapted)
+        adapted.after_backward(self.step)
+        if with_grads is not None:
+            with_grads()
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(
-                self.acc.clip_grad_norm_(self.adapted.trainable_parameters(), cfg.max_grad_norm)
-            )
+            grad_norm = float(self.acc.clip_grad_norm_(adapted.trainable_parameters(), cfg.max_grad_norm))
         self.optimizer.step()
-        if self.adapted.optimizer_step is not None:
-            self.adapted.optimizer_step(self.optimizer)
+        adapted.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        hooks.call("on_step_end", self.step, self.adapted)
+        adapted.on_step_end(self.step)
         return sum(losses) / len(losses), tokens, grad_norm
 
     def train(self, resume: bool = False) -> TrainResult:

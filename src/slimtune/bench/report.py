@@ -13,7 +13,8 @@ def _x(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def _run_rows(results: dict) -> list[str]:
+    """The main table: one row per run."""
     m = results["meta"]
     lines = [
         f"# slimtune bench — {m['model']}",
@@ -42,6 +43,12 @@ def write_markdown(results: dict, path: Path) -> None:
             )
         else:
             lines.append(f"| {r['label']} | **failed**: {r['error']} | | | | | | | | |")
+    return lines
+
+
+def _fact_lines(results: dict) -> list[str]:
+    """The 4-bit forward ceiling and each run's FLOP-share limit (SAT), next to the measured ratio."""
+    lines = []
     c = results.get("ceilings") or {}
     if c:
         lines += [
@@ -68,24 +75,35 @@ def write_markdown(results: dict, path: Path) -> None:
                 f"FLOPs (omittable share {facts['omittable_share']:.1%}); FLOP-share speed limit "
                 f"**{facts['flop_speed_limit']:.2f}×**; {measured}.",
             ]
+    return lines
+
+
+def _role_rows(results: dict) -> list[str]:
+    """Memory by role per run (the library's accounting at the last step)."""
     roles = sorted({k for r in results["runs"] if r.get("ok") for k in r.get("memory_by_role", {})})
-    if roles:
-        lines += [
-            "",
-            "Memory by role (GB, from the library's accounting at the last step; the rest of the peak is "
-            "activations, workspace and the runtime):",
-            "",
-            "| run | " + " | ".join(roles) + " | sum | peak |",
-            "|---|" + "---|" * (len(roles) + 2),
-        ]
-        for r in results["runs"]:
-            if r.get("ok") and not r.get("probe"):
-                vals = [r["memory_by_role"].get(k, 0) for k in roles]
-                lines.append(
-                    f"| {r['label']} | "
-                    + " | ".join(_gb(v) for v in vals)
-                    + f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} |"
-                )
+    if not roles:
+        return []
+    lines = [
+        "",
+        "Memory by role (GB, from the library's accounting at the last step; the rest of the peak is "
+        "activations, workspace and the runtime):",
+        "",
+        "| run | " + " | ".join(roles) + " | sum | peak |",
+        "|---|" + "---|" * (len(roles) + 2),
+    ]
+    for r in results["runs"]:
+        if r.get("ok") and not r.get("probe"):
+            vals = [r["memory_by_role"].get(k, 0) for k in roles]
+            lines.append(
+                f"| {r['label']} | "
+                + " | ".join(_gb(v) for v in vals)
+                + f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} |"
+            )
+    return lines
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    lines = _run_rows(results) + _fact_lines(results) + _role_rows(results)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

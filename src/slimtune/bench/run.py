@@ -50,8 +50,9 @@ def label(run: dict) -> str:
 
 
 def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[str], **opts) -> BenchPlan:
-    """Build a plan from a YAML file and/or --methods, applying ``method.key=value`` overrides."""
-    from slimtune.methods import METHODS
+    """Build a plan from a YAML file and/or --methods, applying ``method.key=value`` overrides; every run's
+    method and settings are validated here, before anything runs (a workflow such as PEMA is refused)."""
+    from slimtune.methods import METHODS, require_trainer
 
     raw: dict = {}
     if yaml_path:
@@ -80,8 +81,7 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
         if r["method"] in PROBES:
             r.setdefault("settings", {})
             continue
-        if r["method"] not in METHODS:
-            raise UserError(f"bench: method '{r['method']}' is not one of {', '.join(METHODS)}")
+        require_trainer(r["method"], "bench")
         r["settings"] = {**r.get("settings", {}), **extra.get(r["method"], {})}
         check = {k: v for k, v in r["settings"].items() if k not in ("baseline", "lr")}
         METHODS[r["method"]].config_cls(**check)  # a bad setting fails here, before anything runs

@@ -130,74 +130,94 @@ def run_nf4_forward(spec: dict) -> dict:
     }
 
 
-def run(spec: dict) -> dict:
-    from slimtune.config import TrainConfig
-    from slimtune.data import Encoded
-    from slimtune.methods import apply, make_config
-    from slimtune.trainer import Trainer
+def _run_config(spec: dict):
+    """The :class:`~slimtune.config.RunConfig` of a measurement: what `slimtune train` would run, held at the
+    schedules' first rung, with a constant learning rate and no clipping changes."""
+    from slimtune import config as C
+    from slimtune.methods import make_config
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec.get("seed", 0))
-    t0 = time.perf_counter()
-    model, tok = load_for_bench(spec)
     settings = {k: v for k, v in spec.get("settings", {}).items() if k not in ("baseline", "lr")}
-    adapted = apply(model, make_config(spec["method"], **settings))
-    batch, seq_len, steps, warmup = spec["batch"], spec["seq_len"], spec["steps"], spec["warmup"]
-    n_rows = batch * (steps + warmup)
-    rows = (
-        _text_rows(tok, n_rows, seq_len, spec.get("seed", 0))
-        if tok is not None
-        else _random_rows(model.config.vocab_size, n_rows, seq_len, spec.get("seed", 0))
-    )
-    data = Encoded(rows, [list(r) for r in rows])
-    lr = spec.get("settings", {}).get("lr", 1e-4)
-    cfg = TrainConfig(
-        steps=steps + warmup,
-        batch_size=batch,
-        lr=lr,
+    steps = spec["steps"] + spec["warmup"]
+    train = C.TrainConfig(
+        steps=steps,
+        batch_size=spec["batch"],
+        lr=spec.get("settings", {}).get("lr", 1e-4),
         schedule="constant",
         grad_checkpointing=bool(spec.get("grad_checkpointing", False)),
+        seed=spec.get("seed", 0),
+        threads=spec.get("threads"),
     )
-    pad = SimpleNamespace(pad_token_id=tok.pad_token_id if tok is not None else 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(adapted, pad, cfg, data, Encoded([], []), [], None, Path(tmp))
-        adapted.total_steps = None  # schedules (SAT's omission ladder) are held at their first rung
-        setup_s = time.perf_counter() - t0
-        load_peak = host_peak_bytes()
-        role_bytes: dict[str, int] = {}
+    model = C.ModelConfig(name=spec.get("model") or "smollm2-135m", dtype=spec.get("dtype", "auto"))
+    return C.RunConfig(model=model, train=train, method=make_config(spec["method"], **settings))
 
-        def snapshot(step, a, _prev=adapted.hooks.after_backward):  # gradients exist only here
-            if _prev is not None:
-                _prev(step, a)
-            if step == steps + warmup - 1:
-                role_bytes.update(a.memory_report())
-                role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
 
-        adapted.hooks.after_backward = snapshot
-        cuda = trainer.acc.device.type == "cuda"
-        trainer.model.train()
-        losses, times = [], []
-        for i in range(steps + warmup):
-            if i == warmup:
-                reset_host_peak()
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
+def _bench_rows(spec: dict, tok, vocab: int) -> list[list[int]]:
+    n_rows = spec["batch"] * (spec["steps"] + spec["warmup"])
+    if tok is not None:
+        return _text_rows(tok, n_rows, spec["seq_len"], spec.get("seed", 0))
+    return _random_rows(vocab, n_rows, spec["seq_len"], spec.get("seed", 0))
+
+
+def _timed_steps(trainer, spec: dict, on_last_grads) -> tuple[list[float], list[float]]:
+    """Run warmup + steps trainer steps; the peaks are reset after warmup; returns (losses, timed seconds)."""
+    cuda = trainer.acc.device.type == "cuda"
+    total, warmup = spec["steps"] + spec["warmup"], spec["warmup"]
+    trainer.model.train()
+    losses, times = [], []
+    for i in range(total):
+        if i == warmup:
+            reset_host_peak()
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t = time.perf_counter()
-            loss, _, _ = trainer.train_step()
-            if cuda:
-                end.record()
                 torch.cuda.synchronize()
-                dt = start.elapsed_time(end) / 1000
-            else:
-                dt = time.perf_counter() - t
-            losses.append(loss)
-            if i >= warmup:
-                times.append(dt)
+                torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
+        loss, _, _ = trainer.train_step(with_grads=on_last_grads if i == total - 1 else None)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            dt = start.elapsed_time(end) / 1000
+        else:
+            dt = time.perf_counter() - t
+        losses.append(loss)
+        if i >= warmup:
+            times.append(dt)
+    return losses, times
+
+
+def run(spec: dict) -> dict:
+    """One measurement: ``api.prepare`` (as `slimtune train`), then the trainer's own steps, timed."""
+    from slimtune import api
+    from slimtune.data import Encoded
+    from slimtune.trainer import Trainer
+
+    t0 = time.perf_counter()
+    cfg = _run_config(spec)
+    preloaded = load_for_bench(spec) if spec.get("shape") or spec.get("model") == "tiny" else None
+    p = api.prepare(cfg, preloaded)
+    adapted, tok = p.adapted, p.tok
+    rows = _bench_rows(spec, tok, adapted.model.config.vocab_size)
+    data = Encoded(rows, [list(r) for r in rows])
+    pad = SimpleNamespace(pad_token_id=tok.pad_token_id if tok is not None else 0)
+    role_bytes: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            adapted, pad, cfg.train, data, Encoded([], []), [], None, Path(tmp), hold_schedules=True
+        )
+        setup_s, load_peak = time.perf_counter() - t0, host_peak_bytes()
+
+        def snapshot() -> None:  # the last step, while its gradients exist
+            role_bytes.update(adapted.memory_report())
+            role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
+
+        losses, times = _timed_steps(trainer, spec, snapshot)
+    return _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
+
+
+def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:
+    cuda = trainer.acc.device.type == "cuda"
     rss = host_peak_bytes()
     cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
     median = sorted(times)[len(times) // 2]
@@ -210,10 +230,10 @@ def run(spec: dict) -> dict:
         "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         "peak_bytes": cuda_peak if cuda else rss,
         "memory_by_role": role_bytes,
-        "facts": adapted.bench_facts(seq_len),
+        "facts": adapted.bench_facts(spec["seq_len"]),
         "step_time_median_s": median,
         "step_times_s": times,
-        "tokens_per_s": batch * seq_len / median,
+        "tokens_per_s": spec["batch"] * spec["seq_len"] / median,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses": losses,

@@ -1,12 +1,16 @@
-"""Method registry. A method joins slimtune by adding one ``MethodSpec`` here (and one row to the contract tests)."""
+"""Method registry. A method joins slimtune by adding one ``MethodSpec`` here (and one row to the contract tests).
+
+A ``trainer`` method gives an :class:`Adapted` that `slimtune train` and `slimtune bench` run; a ``workflow`` has
+its own command (PEMA's offsite tuning: `slimtune pema ...`) and is refused by `train` and `bench` at validation.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from slimtune.errors import UserError
-from slimtune.methods.base import Adapted, MethodConfig, MethodSpec, TrainerHooks
-from slimtune.methods.lora import (
+from slimtune.methods.base import TRAINER, WORKFLOW, Adapted, MethodConfig, MethodSpec
+from slimtune.methods.baselines import (
     FullConfig,
     LoraMethodConfig,
     QLoraMethodConfig,
@@ -15,20 +19,23 @@ from slimtune.methods.lora import (
     apply_qlora,
 )
 from slimtune.methods.meft import MEFTConfig, apply_meft
-from slimtune.methods.pema import PEMAConfig, apply_pema
+from slimtune.methods.pema import PEMAConfig
 from slimtune.methods.pst import PSTConfig, apply_pst
 from slimtune.methods.qst import QSTConfig, apply_qst
 from slimtune.methods.sat import SATConfig, apply_sat
 
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),
-    "lora": MethodSpec("lora", LoraMethodConfig, apply_lora, "adapter", "LoRA via peft (base frozen)"),
+    "lora": MethodSpec(
+        "lora", LoraMethodConfig, apply_lora, "adapter", "LoRA via peft (base frozen)", needs=("peft",)
+    ),
     "qlora": MethodSpec(
         "qlora",
         QLoraMethodConfig,
         apply_qlora,
         "quantized",
         "LoRA on an NF4 4-bit frozen base (bitsandbytes or pure-torch NF4)",
+        needs=("peft",),
     ),
     "qst": MethodSpec(
         "qst",
@@ -61,23 +68,65 @@ METHODS: dict[str, MethodSpec] = {
     "pema": MethodSpec(
         "pema",
         PEMAConfig,
-        apply_pema,
+        None,
         "adapter",
-        "offsite tuning: adapter trained on the owner's final-layer states; `slimtune pema build-memory|train|generate`",
+        "offsite tuning: adapter trained on the owner's final-layer states (external memory, Gradual Unrolling)",
+        kind=WORKFLOW,
+        command="slimtune pema build-memory|train|generate CONFIG",
+        train_keys=("output_dir",),
+        instead={
+            "lr": "method.lr",
+            "seed": "method.seed",
+            "steps": "method.epochs_stage1 / method.epochs_stage2",
+            "batch_size": "method.batch_stage1 / method.batch_stage2",
+            "eval_every": "method.eval_every",
+        },
     ),
 }
 
 
-def make_config(name: str, **kwargs) -> MethodConfig:
-    """``make_config("lora", r=8)`` -> a validated method config."""
+def get_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise UserError(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
-    return METHODS[name].config_cls(**kwargs)
+    return METHODS[name]
+
+
+def require_trainer(name: str, where: str = "train") -> MethodSpec:
+    """The spec of ``name`` if `slimtune train` / `bench` can run it; a workflow is refused with its command."""
+    spec = get_spec(name)
+    if spec.kind != TRAINER:
+        raise UserError(
+            f"method.name: {name} is a workflow, not a trainer method; `slimtune {where}` cannot run it: "
+            f"use `{spec.command}`"
+        )
+    return spec
+
+
+def make_config(name: str, **kwargs) -> MethodConfig:
+    """``make_config("lora", r=8)`` -> a validated method config."""
+    return get_spec(name).config_cls(**kwargs)
 
 
 def apply(model: nn.Module, cfg: MethodConfig) -> Adapted:
     """Prepare ``model`` for training with the method ``cfg`` names. The only place a method touches the model."""
-    return METHODS[cfg.name].apply(model, cfg)
+    spec = require_trainer(cfg.name)
+    missing = spec.missing_packages(cfg)
+    if missing:
+        raise UserError(
+            f"method {cfg.name} needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
+        )
+    return spec.apply(model, cfg)
 
 
-__all__ = ["METHODS", "Adapted", "MethodConfig", "MethodSpec", "TrainerHooks", "apply", "make_config"]
+__all__ = [
+    "METHODS",
+    "TRAINER",
+    "WORKFLOW",
+    "Adapted",
+    "MethodConfig",
+    "MethodSpec",
+    "apply",
+    "get_spec",
+    "make_config",
+    "require_trainer",
+]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -12,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.config import Checked
-from slimtune.memory import TrafficCounter
+from slimtune.memory import TrafficCounter, module_bytes_by_role
+from slimtune.schema import Checked
 
 STATE_FILE = "method_state.safetensors"
 CONFIG_FILE = "slimtune_config.json"
@@ -28,33 +29,28 @@ class MethodConfig(Checked):
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
 
-
-@dataclass
-class TrainerHooks:
-    """Optional callbacks the trainer calls; each receives ``(step: int, adapted: Adapted)``."""
-
-    on_step_start: Callable[[int, Adapted], None] | None = None
-    after_backward: Callable[[int, Adapted], None] | None = None
-    on_step_end: Callable[[int, Adapted], None] | None = None
-    on_eval_start: Callable[[int, Adapted], None] | None = None
-
-    def call(self, name: str, step: int, adapted: Adapted) -> None:
-        fn = getattr(self, name)
-        if fn is not None:
-            fn(step, adapted)
+    def needs(self) -> tuple[str, ...]:
+        """Optional packages these settings need beyond the registry's ``needs`` (e.g. SAT's LoRA: peft)."""
+        return ()
 
 
 class Adapted:
     """A model prepared by a method. Methods subclass this once and override what they need.
 
     ``model.forward(input_ids, attention_mask, labels)`` returns an HF-style output with ``.loss``/``.logits``.
-    Trainable parameter names carry the method prefix (``lora_``, ``full.`` ...).
+    What trains is what has ``requires_grad`` (``named_trainable_parameters``; a method may add tensors that live
+    outside the model, as MEFT's host store does). ``apply`` sets ``requires_grad`` on exactly those tensors.
+
+    The trainer calls the callbacks below in this order each optimizer step (all are no-ops here; a method
+    overrides the ones it needs, and the trainer never learns a method's name):
+    ``on_step_start`` → forward/backward of every micro-batch → ``after_backward`` → gradient clipping →
+    the trainer's optimizer step → ``optimizer_step`` → scheduler step, ``zero_grad`` → ``on_step_end``.
+    ``on_eval_start`` runs before every evaluation.
     """
 
-    def __init__(self, model: nn.Module, cfg: MethodConfig, hooks: TrainerHooks | None = None):
+    def __init__(self, model: nn.Module, cfg: MethodConfig):
         self.model = model
         self.cfg = cfg
-        self.hooks = hooks or TrainerHooks()
         # JSON-able method state (schedules, counters) saved with checkpoints
         self.extra_state: dict[str, Any] = {}
         # bytes a method moves host<->device; the method increments it, reports and bench read it
@@ -79,9 +75,22 @@ class Adapted:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
-    optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None
-    """A method that updates some state itself (e.g. host-resident rows) sets this; called after opt.step() with
-    the trainer's optimizer (its first param group carries the current lr, betas, eps, weight decay)."""
+    # ---- trainer callbacks (no-ops; override what the method needs)
+    def on_step_start(self, step: int) -> None:
+        """Before the first micro-batch of optimizer step ``step`` (0-based: steps completed so far)."""
+
+    def after_backward(self, step: int) -> None:
+        """After the last micro-batch's backward of step ``step``, before clipping and the optimizer step."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the trainer's optimizer step, for state the method updates itself (e.g. host-resident rows).
+        ``optimizer``'s first param group carries the current lr, betas, eps and weight decay."""
+
+    def on_step_end(self, step: int) -> None:
+        """After the optimizer step; ``step`` is the number of steps completed (1 after the first)."""
+
+    def on_eval_start(self, step: int) -> None:
+        """Before an evaluation at ``step`` steps completed."""
 
     def extra_state_scalars(self) -> dict[str, float]:
         """Numbers from ``extra_state`` worth logging each step (e.g. a current omission rate)."""
@@ -137,8 +146,6 @@ class Adapted:
 
     def memory_report(self) -> dict[str, int]:
         """Bytes by role: frozen weights, trainable, gradients, buffers (optimizer state is the trainer's)."""
-        from slimtune.memory import module_bytes_by_role
-
         return module_bytes_by_role(self.model)
 
     def generate(
@@ -165,15 +172,34 @@ class ApplyFn(Protocol):
     def __call__(self, model: nn.Module, cfg: MethodConfig) -> Adapted: ...
 
 
+TRAINER, WORKFLOW = "trainer", "workflow"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registry entry: how to configure and apply one method."""
+    """A registry entry: how to configure and apply one method.
+
+    ``kind`` is ``trainer`` (``apply`` gives an :class:`Adapted` that `slimtune train` and `slimtune bench` run) or
+    ``workflow`` (a method with its own command, ``command``; `train` and `bench` refuse it when they validate).
+    """
 
     name: str
     config_cls: type[MethodConfig]
-    apply: ApplyFn
+    apply: ApplyFn | None
     family: str
     """full | adapter | quantized: picks the default baseline when benchmarking."""
     summary: str
     needs: tuple[str, ...] = field(default_factory=tuple)
-    """Optional packages the method needs (checked before use)."""
+    """Optional packages the method needs (checked before ``apply``; the runtime memory figure imports them)."""
+    kind: str = TRAINER
+    command: str | None = None
+    """workflow: the command that runs it (named in the refusal of `train` / `bench`)."""
+    train_keys: tuple[str, ...] | None = None
+    """workflow: the ``train.*`` keys it reads; any other set in a config is refused (None: all, for trainers)."""
+    instead: dict[str, str] = field(default_factory=dict)
+    """workflow: for a refused ``train.*`` key, the key that does its job (e.g. lr -> method.lr)."""
+
+    def missing_packages(self, cfg: MethodConfig | None = None) -> list[str]:
+        """Packages of ``needs`` (and ``cfg.needs()``) that are not installed."""
+        wanted = self.needs + (cfg.needs() if cfg is not None else ())
+        return [p for p in dict.fromkeys(wanted) if importlib.util.find_spec(p) is None]

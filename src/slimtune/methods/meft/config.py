@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from slimtune.config import Problem, _choice, _positive
 from slimtune.methods.base import MethodConfig
+from slimtune.schema import Problem, choice, positive
 
 
 @dataclass
@@ -39,9 +39,9 @@ class MEFTConfig(MethodConfig):
     simulation) instead of only the touched rows (lazy Adam, the default)."""
 
     def check(self) -> list[Problem]:
-        out = _positive(self, "r", "k", "n_probe", "router_scale")
-        out += _positive(self, "experts", "cap", "init_std", allow_zero=True)
-        out += _choice("semantics", self.semantics, ("mask", "union"))
+        out = positive(self, "r", "k", "n_probe", "router_scale")
+        out += positive(self, "experts", "cap", "init_std", allow_zero=True)
+        out += choice("semantics", self.semantics, ("mask", "union"))
         if self.k > self.r:
             out.append(("k", f"{self.k} must be <= r ({self.r})"))
         if self.experts:

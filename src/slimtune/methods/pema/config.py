@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from slimtune.config import Problem, _choice, _positive
 from slimtune.methods.base import MethodConfig
+from slimtune.schema import Problem, choice, positive
 
 
 @dataclass
@@ -66,13 +66,13 @@ class PEMAConfig(MethodConfig):
     """Seed of initialisation, dropout and batching."""
 
     def check(self) -> list[Problem]:
-        out = _positive(self, "r", "alpha", "lr", "batch_stage1", "batch_stage2", "eval_every", "gu_ratio")
-        out += _positive(self, "epochs_stage1", "epochs_stage2", "max_new_tokens")
-        out += _choice("memory_mode", self.memory_mode, ("free_running", "teacher_forced"))
+        out = positive(self, "r", "alpha", "lr", "batch_stage1", "batch_stage2", "eval_every", "gu_ratio")
+        out += positive(self, "epochs_stage1", "epochs_stage2", "max_new_tokens")
+        out += choice("memory_mode", self.memory_mode, ("free_running", "teacher_forced"))
         for k in ("dropout", "kappa", "lambda_max", "dev_fraction", "gu_min"):
             if not 0 <= getattr(self, k) <= 1:
                 out.append((k, f"{getattr(self, k)!r} must be in [0, 1]"))
-        out += _choice("gu_horizon", self.gu_horizon, ("source", "prompt_and_source"))
+        out += choice("gu_horizon", self.gu_horizon, ("source", "prompt_and_source"))
         if self.memory_mode == "teacher_forced" and not self.allow_target_disclosure:
             out.append(
                 ("memory_mode", "teacher_forced sends the gold targets to the model owner; set "

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-IGNORE = -1
-
 
 @dataclass
 class HeadBundle:

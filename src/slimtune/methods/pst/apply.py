@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.errors import UserError
-from slimtune.methods.base import Adapted, TrainerHooks
+from slimtune.losses import IGNORE
+from slimtune.methods.base import Adapted
 from slimtune.methods.pst.config import PSTConfig
 from slimtune.methods.pst.layer import PSTLinear
 
@@ -71,6 +72,31 @@ def _is_pst_buffer(name: str) -> bool:
 
 
 class PSTAdapted(Adapted):
+    """PST's state: U, V, A, B, R, C of every ``PSTLinear`` plus its sparsity (and wanda statistics) buffers."""
+
+    cfg: PSTConfig
+
+    def __init__(self, model: nn.Module, cfg: PSTConfig):
+        super().__init__(model, cfg)
+        self.extra_state["sparsity"] = cfg.init_sparsity
+
+    def on_step_start(self, step: int) -> None:
+        if self.total_steps is None and step == 0:  # benchmarks: held at the target (the cool-down state)
+            self.on_step_end(0)
+
+    def on_step_end(self, step: int) -> None:
+        """After optimizer step ``step`` (completed count): the sparsity the next forward uses."""
+        cfg, total, nm = self.cfg, self.total_steps, self.cfg.nm()
+        s = cfg.sparsity if not total else cubic_sparsity(step, total, cfg)
+        cooling = nm is not None and (not total or step > total - cfg.cooldown_frac * total)
+        set_sparsity(self.model, s, nm if cooling else None)
+        refresh = step % cfg.mask_update_interval == 0
+        for layer in pst_layers(self.model).values():
+            layer.freeze_mask = not refresh
+            if refresh:
+                layer.refresh_prior()
+        self.extra_state["sparsity"] = round(s, 6)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = super().state_dict()
         out.update({n: b.detach() for n, b in self.model.named_buffers() if _is_pst_buffer(n)})
@@ -108,9 +134,6 @@ class PSTAdapted(Adapted):
         for p in merged.parameters():
             p.requires_grad_(False)
         return merged
-
-
-IGNORE = -100
 
 
 def context_positions(attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -162,7 +185,7 @@ def _add_distillation(model: nn.Module, adapted: Adapted, cfg: PSTConfig) -> Non
     model.register_forward_hook(hook, with_kwargs=True)
 
 
-def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
+def apply_pst(model: nn.Module, cfg: PSTConfig) -> PSTAdapted:
     targets = [
         (n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and "lm_head" not in n
     ]
@@ -193,28 +216,7 @@ def apply_pst(model: nn.Module, cfg: PSTConfig) -> Adapted:
             for p in m.parameters():
                 p.requires_grad_(True)
     set_sparsity(model, cfg.init_sparsity, None)
-    adapted = PSTAdapted(model, cfg, TrainerHooks())
-
-    def on_step_end(step: int, a: Adapted) -> None:
-        """After optimizer step ``step`` (completed count): the sparsity the next forward uses."""
-        total = a.total_steps
-        s = cfg.sparsity if not total else cubic_sparsity(step, total, cfg)
-        cooling = nm is not None and (not total or step > total - cfg.cooldown_frac * total)
-        set_sparsity(a.model, s, nm if cooling else None)
-        refresh = step % cfg.mask_update_interval == 0
-        for layer in pst_layers(a.model).values():
-            layer.freeze_mask = not refresh
-            if refresh:
-                layer.refresh_prior()
-        a.extra_state["sparsity"] = round(s, 6)
-
-    def on_step_start(step: int, a: Adapted) -> None:
-        if a.total_steps is None and step == 0:  # benchmarks: held at the target (the cool-down state)
-            on_step_end(0, a)
-
+    adapted = PSTAdapted(model, cfg)
     if cfg.distill_weight > 0:
         _add_distillation(model, adapted, cfg)
-    adapted.hooks.on_step_start = on_step_start
-    adapted.hooks.on_step_end = on_step_end
-    adapted.extra_state["sparsity"] = cfg.init_sparsity
     return adapted

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from slimtune.config import Problem, _choice, _positive
+from slimtune.arch import LLAMA_LINEARS
 from slimtune.methods.base import MethodConfig
-
-LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from slimtune.schema import Problem, choice, positive
 
 
 @dataclass
@@ -77,12 +76,12 @@ class PSTConfig(MethodConfig):
         return n, m
 
     def check(self) -> list[Problem]:
-        out = _positive(self, "weight_rank", "score_rank", "mask_update_interval")
-        out += _choice("init", self.init, ("reference", "kaiming"))
-        out += _choice("nm_schedule", self.nm_schedule, ("switch", "gradual"))
-        out += _choice("score_prior", self.score_prior, ("magnitude", "wanda"))
-        out += _choice("scope", self.scope, ("local", "row"))
-        out += _choice("distill_from", self.distill_from, ("base", "dense"))
+        out = positive(self, "weight_rank", "score_rank", "mask_update_interval")
+        out += choice("init", self.init, ("reference", "kaiming"))
+        out += choice("nm_schedule", self.nm_schedule, ("switch", "gradual"))
+        out += choice("score_prior", self.score_prior, ("magnitude", "wanda"))
+        out += choice("scope", self.scope, ("local", "row"))
+        out += choice("distill_from", self.distill_from, ("base", "dense"))
         if self.distill_weight < 0:
             out.append(("distill_weight", f"{self.distill_weight!r} must be >= 0"))
         if self.distill_temperature <= 0:

@@ -8,7 +8,7 @@ from torch import nn
 from slimtune.errors import ConfigError
 from slimtune.methods.base import Adapted
 from slimtune.methods.qst.config import QSTConfig
-from slimtune.methods.qst.side_net import QSTModel, check_shape
+from slimtune.methods.qst.layer import QSTModel, check_shape
 from slimtune.quant.backbone import quantize_decoder
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from slimtune.config import Problem, _choice, _positive
 from slimtune.methods.base import MethodConfig
+from slimtune.schema import Problem, choice, positive
 
 DOWNSAMPLES = ("adapter", "lora", "linear", "maxpool", "avgpool")
 
@@ -41,10 +41,10 @@ class QSTConfig(MethodConfig):
     ``logits=None``); eval and generation always return logits."""
 
     def check(self) -> list[Problem]:
-        out = _positive(self, "r", "rank")
-        out += _choice("downsample", self.downsample, DOWNSAMPLES)
-        out += _choice("gate_shape", self.gate_shape, ("channel", "scalar"))
-        out += _choice("backend", self.backend, ("auto", "bitsandbytes", "torch"))
+        out = positive(self, "r", "rank")
+        out += choice("downsample", self.downsample, DOWNSAMPLES)
+        out += choice("gate_shape", self.gate_shape, ("channel", "scalar"))
+        out += choice("backend", self.backend, ("auto", "bitsandbytes", "torch"))
         if not 0 <= self.dropout < 1:
             out.append(("dropout", f"{self.dropout!r} must be in [0, 1)"))
         return out

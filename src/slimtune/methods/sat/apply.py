@@ -13,34 +13,28 @@ import copy
 import torch
 from torch import nn
 
-from slimtune.data import IGNORE
+from slimtune.arch import LLAMA_LINEARS, is_attention, is_gated_mlp
 from slimtune.errors import UserError
-from slimtune.methods.base import Adapted, TrainerHooks
-from slimtune.methods.sat.config import SATConfig
-from slimtune.methods.sat.ops import (
+from slimtune.losses import IGNORE
+from slimtune.methods.base import Adapted
+from slimtune.methods.sat.config import OmissionSchedule, SATConfig, from_config
+from slimtune.methods.sat.layer import (
+    activation_scores,
     attend,
     attention_forward,
     base_weight,
+    choose,
+    head_scores,
     mlp_forward,
+    mlp_scores,
+    n_kept,
     omitted_heads_output,
     omitted_mlp_output,
     omitted_slices,
     sliced_linear,
 )
-from slimtune.methods.sat.schedule import OmissionSchedule, from_config
-from slimtune.methods.sat.select import activation_scores, choose, head_scores, mlp_scores, n_kept
 
 KINDS = {"mlp": 0, "attn": 1}
-
-
-def _is_mlp(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-
-
-def _is_attention(m: nn.Module) -> bool:
-    return all(
-        hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups")
-    )
 
 
 MAX_LAYER_RATE = 0.95
@@ -212,7 +206,7 @@ def sat_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer index, kind, module) of every Llama-style MLP and attention module, in model order."""
     out, counts = [], {"mlp": 0, "attn": 0}
     for _, m in model.named_modules():
-        kind = "mlp" if _is_mlp(m) else "attn" if _is_attention(m) else None
+        kind = "mlp" if is_gated_mlp(m) else "attn" if is_attention(m) else None
         if kind:
             out.append((counts[kind], kind, m))
             counts[kind] += 1
@@ -231,7 +225,51 @@ def remove_sat(model: nn.Module) -> nn.Module:
 
 
 class SATAdapted(Adapted):
-    controller: SATController
+    """SAT's state is the controller (this step's rate and kept sets); the parameters are the model's own."""
+
+    cfg: SATConfig
+
+    def __init__(self, model: nn.Module, cfg: SATConfig, controller: SATController):
+        super().__init__(model, cfg)
+        self.controller = controller
+        self.modules = sat_modules(model)
+        # optimizer_mask=freeze_omitted: (parameter, dim, rows, values) restored after the optimizer step
+        self._frozen: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        self.extra_state["omission_rate"] = controller.rate
+        self.extra_state["schedule"] = [list(r) for r in controller.schedule.rungs]
+
+    def on_step_start(self, step: int) -> None:
+        self.controller.start_step(step, self.total_steps)
+        self.extra_state["omission_rate"] = self.controller.rate
+
+    def after_backward(self, step: int) -> None:
+        """freeze_omitted: remember the rows omitted in every micro-batch of this step (their values survive the
+        optimizer step; their Adam moments still decay as for any zero-gradient step)."""
+        self._frozen.clear()
+        ctrl = self.controller
+        if self.cfg.optimizer_mask != "freeze_omitted" or ctrl.rate == 0:
+            return
+        for layer, kind, m in self.modules:
+            union = ctrl.union.get((layer, kind))
+            if union is None:
+                continue
+            omitted = (~union).nonzero().flatten()
+            kv_omitted = None
+            if kind == "attn":
+                kv_used = union.view(-1, m.num_key_value_groups).any(1)
+                kv_omitted = (~kv_used).nonzero().flatten()
+            for p, dim, idx in omitted_slices(m, kind, omitted, kv_omitted):
+                self._frozen.append((p, dim, idx, p.detach().index_select(dim, idx).clone()))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for p, dim, idx, value in self._frozen:
+                p.index_copy_(dim, idx, value)
+        self._frozen.clear()
+
+    def on_step_end(self, step: int) -> None:
+        for kind, frac in self.kept_fractions().items():
+            self.extra_state[f"kept_{kind}"] = round(frac, 4)
 
     def merge(self) -> nn.Module:
         merged = remove_sat(copy.deepcopy(self.model))
@@ -240,7 +278,7 @@ class SATAdapted(Adapted):
         return merged
 
     def bench_facts(self, seq_len: int) -> dict:
-        from slimtune.methods.sat.stats import speed_limit
+        from slimtune.methods.sat.flops import speed_limit
 
         base = self.model.get_base_model() if self.cfg.lora_r else self.model
         return speed_limit(
@@ -251,40 +289,18 @@ class SATAdapted(Adapted):
         return {k: (a / b if b else 1.0) for k, (a, b) in self.controller.kept_total.items()}
 
 
-def _freeze_hooks(adapted: SATAdapted, modules) -> None:
-    """optimizer_mask=freeze_omitted: rows omitted in every micro-batch of a step keep their values through the
-    optimizer step (their Adam moments still decay as for any zero-gradient step)."""
-    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
-    ctrl = adapted.controller
+def _with_lora(model: nn.Module, cfg: SATConfig) -> nn.Module:
+    """lora_r > 0: peft LoRA on every attention and MLP linear (the base frozen); sliced with their base."""
+    from slimtune.methods.baselines.apply import peft_lora
+    from slimtune.methods.baselines.config import LoraMethodConfig
 
-    def after_backward(step, a):
-        saved.clear()
-        if ctrl.rate == 0:
-            return
-        for layer, kind, m in modules:
-            union = ctrl.union.get((layer, kind))
-            if union is None:
-                continue
-            omitted = (~union).nonzero().flatten()
-            kv_omitted = None
-            if kind == "attn":
-                groups = m.num_key_value_groups
-                kv_used = union.view(-1, groups).any(1)
-                kv_omitted = (~kv_used).nonzero().flatten()
-            for p, dim, idx in omitted_slices(m, kind, omitted, kv_omitted):
-                saved.append((p, dim, idx, p.detach().index_select(dim, idx).clone()))
-
-    def restore(optimizer=None):
-        with torch.no_grad():
-            for p, dim, idx, value in saved:
-                p.index_copy_(dim, idx, value)
-        saved.clear()
-
-    adapted.hooks.after_backward = after_backward
-    adapted.optimizer_step = restore
+    lcfg = LoraMethodConfig(
+        r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0, target_modules=list(LLAMA_LINEARS)
+    )
+    return peft_lora(model, lcfg)
 
 
-def apply_sat(model: nn.Module, cfg: SATConfig) -> Adapted:
+def apply_sat(model: nn.Module, cfg: SATConfig) -> SATAdapted:
     modules = sat_modules(model)
     if not any(k == "mlp" for _, k, _ in modules) or not any(k == "attn" for _, k, _ in modules):
         raise UserError(
@@ -292,21 +308,12 @@ def apply_sat(model: nn.Module, cfg: SATConfig) -> Adapted:
             "(q/k/v/o_proj) modules to slice"
         )
     if cfg.lora_r:
-        from slimtune.methods.lora import LoraMethodConfig, _peft_lora
-
-        lcfg = LoraMethodConfig(
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )
-        model = _peft_lora(model, lcfg)
-        modules = sat_modules(model)
+        model = _with_lora(model, cfg)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     ctrl = SATController(cfg, from_config(cfg))
-    for layer, kind, m in modules:
+    for layer, kind, m in sat_modules(model):
         (_patch_mlp if kind == "mlp" else _patch_attention)(m, layer, ctrl)
 
     def pre_forward(module, args, kwargs):
@@ -315,22 +322,4 @@ def apply_sat(model: nn.Module, cfg: SATConfig) -> Adapted:
             ctrl.begin_forward(mask, kwargs.get("labels"))
 
     model._sat_hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
-
-    adapted = SATAdapted(model, cfg, TrainerHooks())
-    adapted.controller = ctrl
-
-    def on_step_start(step, a):
-        ctrl.start_step(step, a.total_steps)
-        a.extra_state["omission_rate"] = ctrl.rate
-
-    def on_step_end(step, a):
-        for kind, frac in a.kept_fractions().items():
-            a.extra_state[f"kept_{kind}"] = round(frac, 4)
-
-    adapted.hooks.on_step_start = on_step_start
-    adapted.hooks.on_step_end = on_step_end
-    adapted.extra_state["omission_rate"] = ctrl.rate
-    adapted.extra_state["schedule"] = [list(r) for r in ctrl.schedule.rungs]
-    if cfg.optimizer_mask == "freeze_omitted":
-        _freeze_hooks(adapted, modules)
-    return adapted
+    return SATAdapted(model, cfg, ctrl)

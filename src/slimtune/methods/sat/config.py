@@ -1,12 +1,20 @@
-"""SAT configuration (Ma et al., "Sparsity-Accelerated Training for Large Language Models", Findings ACL 2024)."""
+"""SAT configuration (Ma et al., "Sparsity-Accelerated Training for Large Language Models", Findings ACL 2024) and
+its omission-rate schedules.
+
+Omission-rate schedules: piecewise-constant, non-increasing functions of training progress t / N.
+
+The ladder (LORS) keeps r_max for the first ``sparse_frac`` of training, steps down through ``n_rungs`` equal
+rungs r_max·(1 - i/(n_rungs+1)), and trains densely (rate 0, the unpatched forward) for the last ``dense_frac``.
+"""
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from slimtune.config import Problem, _choice, _positive
 from slimtune.methods.base import MethodConfig
+from slimtune.schema import Problem, choice, positive
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
 SELECTIONS = ("topk", "sampling")
@@ -60,27 +68,30 @@ class SATConfig(MethodConfig):
     dense_tokens: str = "none"
     """none (SAT: every token uses the kept channels) | labels: positions that predict a label token run the
     whole MLP, the other tokens the kept channels (as SparseLoRA keeps output tokens dense; an extension of
-    SAT, spec §7). Costs little where answers are short next to their prompts."""
+    SAT, docs/methods/sat.md). Costs little where answers are short next to their prompts."""
     layer_scale: dict[int, float] = field(default_factory=dict)
     """Per-layer multipliers of the omission rate, {layer index: factor}; 0 keeps that layer dense, missing
-    layers use 1. The rate of a layer is min(rate_t × factor, 0.95). An extension of SAT (spec §7: uniform
+    layers use 1. The rate of a layer is min(rate_t × factor, 0.95). An extension of SAT (docs/methods/sat.md: uniform
     per-layer rates ignore layer sensitivity)."""
     seed: int = 0
     """Seed of the selection (each step, micro-batch, layer and module get their own generator)."""
 
+    def needs(self) -> tuple[str, ...]:
+        return ("peft",) if self.lora_r else ()
+
     def check(self) -> list[Problem]:
-        out = _positive(self, "temperature", "min_keep_mlp", "min_keep_heads")
-        out += _positive(self, "n_rungs", "lora_r", allow_zero=True)
-        out += _choice("metric", self.metric, METRICS)
-        out += _choice("selection", self.selection, SELECTIONS)
-        out += _choice("schedule", self.schedule, SCHEDULES)
-        out += _choice("omit", self.omit, ("forward", "backward"))
-        out += _choice("dense_tokens", self.dense_tokens, ("none", "labels"))
-        out += _choice("optimizer_mask", self.optimizer_mask, ("none", "freeze_omitted"))
+        out = positive(self, "temperature", "min_keep_mlp", "min_keep_heads")
+        out += positive(self, "n_rungs", "lora_r", allow_zero=True)
+        out += choice("metric", self.metric, METRICS)
+        out += choice("selection", self.selection, SELECTIONS)
+        out += choice("schedule", self.schedule, SCHEDULES)
+        out += choice("omit", self.omit, ("forward", "backward"))
+        out += choice("dense_tokens", self.dense_tokens, ("none", "labels"))
+        out += choice("optimizer_mask", self.optimizer_mask, ("none", "freeze_omitted"))
         if not 0 <= self.rate < 1:
             out.append(("rate", f"{self.rate!r} must be in [0, 1)"))
         for t in self.targets:
-            out += _choice("targets", t, TARGETS)
+            out += choice("targets", t, TARGETS)
         if not self.targets:
             out.append(("targets", "name at least one of mlp, attn"))
         for k in ("sparse_frac", "dense_frac"):
@@ -97,10 +108,83 @@ class SATConfig(MethodConfig):
                 elif not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                     out.append((f"layer_scale.{k}", f"{v!r} must be a number >= 0"))
         if self.schedule == "custom":
-            from slimtune.methods.sat.schedule import OmissionSchedule
-
             try:
                 OmissionSchedule.from_rungs(self.rungs)
             except ValueError as e:
                 out.append(("rungs", str(e)))
         return out
+
+
+# ---------------------------------------------------------------- omission-rate schedules
+
+
+@dataclass(frozen=True)
+class OmissionSchedule:
+    """``rungs``: ((progress_0 = 0, rate_0), (progress_1, rate_1), ...), progress increasing, rates
+    non-increasing. ``rate(t, N) = rate_k`` for ``progress_k <= t/N < progress_{k+1}``."""
+
+    rungs: tuple[tuple[float, float], ...]
+
+    @classmethod
+    def from_rungs(cls, rungs) -> OmissionSchedule:
+        try:
+            pairs = tuple((float(u), float(r)) for u, r in rungs)
+        except (TypeError, ValueError):
+            raise ValueError("expected a list of [progress, rate] pairs") from None
+        if not pairs or pairs[0][0] != 0.0:
+            raise ValueError("the first rung must start at progress 0")
+        for (u0, r0), (u1, r1) in zip(pairs, pairs[1:]):
+            if not u1 > u0:
+                raise ValueError(f"progress must increase ({u0} then {u1})")
+            if r1 > r0:
+                raise ValueError(f"rates must not increase ({r0} then {r1})")
+        if any(not 0 <= r < 1 for _, r in pairs) or any(u > 1 for u, _ in pairs):
+            raise ValueError("rates must be in [0, 1) and progress in [0, 1]")
+        return cls(pairs)
+
+    @classmethod
+    def constant(cls, rate: float) -> OmissionSchedule:
+        return cls(((0.0, rate),))
+
+    @classmethod
+    def linear(cls, rate: float, steps: int = 10) -> OmissionSchedule:
+        """A staircase approximating r_max → 0 linearly (``steps`` rungs, the last at rate 0)."""
+        return cls(tuple((i / steps, rate * (1 - i / (steps - 1))) for i in range(steps)))
+
+    @classmethod
+    def ladder(cls, rate: float, sparse_frac: float, n_rungs: int, dense_frac: float) -> OmissionSchedule:
+        rungs = [(0.0, rate)]
+        middle = 1.0 - dense_frac - sparse_frac
+        for i in range(1, n_rungs + 1):
+            rungs.append((sparse_frac + (i - 1) * middle / n_rungs, rate * (1 - i / (n_rungs + 1))))
+        rungs.append((1.0 - dense_frac, 0.0))
+        # drop empty rungs (e.g. sparse_frac = 0), keeping the later one
+        out: list[tuple[float, float]] = []
+        for u, r in rungs:
+            if out and out[-1][0] == u:
+                out[-1] = (u, r)
+            else:
+                out.append((u, r))
+        return cls.from_rungs(out)
+
+    def rate(self, step: int, total: int | None) -> float:
+        """The rate of optimizer step ``step`` of ``total``; without a total (benchmarks), the first rung."""
+        if not total:
+            return self.rungs[0][1]
+        starts = [u for u, _ in self.rungs]
+        return self.rungs[bisect.bisect_right(starts, step / total) - 1][1]
+
+    def expected_compute(self, omittable_share: float) -> float:
+        """C / C_dense = Σ_k w_k (1 - φ r_k) for a run with this schedule (φ: FLOP share omission can remove)."""
+        ends = [u for u, _ in self.rungs[1:]] + [1.0]
+        return sum((e - u) * (1 - omittable_share * r) for (u, r), e in zip(self.rungs, ends))
+
+
+def from_config(cfg) -> OmissionSchedule:
+    if cfg.schedule == "constant":
+        return OmissionSchedule.constant(cfg.rate)
+    if cfg.schedule == "linear":
+        return OmissionSchedule.linear(cfg.rate)
+    if cfg.schedule == "custom":
+        return OmissionSchedule.from_rungs(cfg.rungs)
+    return OmissionSchedule.ladder(cfg.rate, cfg.sparse_frac, cfg.n_rungs, cfg.dense_frac)

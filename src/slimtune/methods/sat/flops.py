@@ -1,4 +1,4 @@
-"""FLOP shares of a Llama-family model and the speed limit they put on SAT (specs/sat.md §6.2).
+"""FLOP shares of a Llama-family model and the speed limit they put on SAT (docs/methods/sat.md).
 
 Per-token forward multiply-accumulates: MLP 3·d·f, q+o 2·d·(H·hd), k+v 2·d·(H_kv·hd), attention scores and
 values 2·L·(H·hd) (counted without causal halving), LM head d·V; every GEMM's backward is twice its forward in

@@ -1,20 +1,18 @@
-"""Baselines: full fine-tuning, LoRA (peft) and QLoRA (peft LoRA on an NF4 base)."""
+"""Applying the baselines: full fine-tuning, LoRA through peft, and QLoRA (peft LoRA on an NF4 4-bit base)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from slimtune.config import Problem, _choice, _positive
-from slimtune.methods.base import CONFIG_FILE, Adapted, MethodConfig
+from slimtune.methods.base import CONFIG_FILE, Adapted
+from slimtune.methods.baselines.config import FullConfig, LoraMethodConfig, QLoraMethodConfig
 from slimtune.quant.backbone import dequantized_weight, is_4bit, quantize_decoder
 
 log = logging.getLogger(__name__)
@@ -23,21 +21,12 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- full fine-tuning
 
 
-@dataclass
-class FullConfig(MethodConfig):
-    """Full fine-tuning: every parameter of the model is trained."""
-
-    name: ClassVar[str] = "full"
-    freeze_embeddings: bool = False
-    """Keep the token embeddings (and a tied LM head) frozen."""
-
-
 class FullAdapted(Adapted):
     def merge(self) -> nn.Module:
         return self.model
 
 
-def apply_full(model: nn.Module, cfg: FullConfig) -> Adapted:
+def apply_full(model: nn.Module, cfg: FullConfig) -> FullAdapted:
     for p in model.parameters():
         p.requires_grad_(True)
     if cfg.freeze_embeddings:
@@ -46,29 +35,6 @@ def apply_full(model: nn.Module, cfg: FullConfig) -> Adapted:
 
 
 # ---------------------------------------------------------------- LoRA
-
-
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    """LoRA through peft: W x + (alpha/r) B A x on the target linears, base frozen."""
-
-    name: ClassVar[str] = "lora"
-    r: int = 16
-    """Rank of the update."""
-    alpha: float = 32.0
-    """Scale numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Module name suffixes to adapt (e.g. [q_proj, v_proj]); 'all-linear' = every linear but the LM head."""
-
-    def check(self) -> list[Problem]:
-        out = _positive(self, "r", "alpha")
-        if not 0 <= self.dropout < 1:
-            out.append(("dropout", f"{self.dropout!r} must be in [0, 1)"))
-        if not self.target_modules:
-            out.append(("target_modules", "must name at least one module"))
-        return out
 
 
 class LoraAdapted(Adapted):
@@ -106,7 +72,7 @@ class LoraAdapted(Adapted):
         return merged
 
 
-def _peft_lora(model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = None) -> nn.Module:
+def peft_lora(model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = None) -> nn.Module:
     """Wrap ``model`` with peft LoRA. ``custom`` maps non-``nn.Linear`` base layer types (our NF4Linear) to the
     peft LoRA layer that wraps them; 'all-linear' then means every module of those types."""
     from peft import LoraConfig, get_peft_model
@@ -127,37 +93,23 @@ def _peft_lora(model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = No
     return get_peft_model(model, lcfg)
 
 
-def apply_lora(model: nn.Module, cfg: LoraMethodConfig) -> Adapted:
-    return LoraAdapted(_peft_lora(model, cfg), cfg)
+def apply_lora(model: nn.Module, cfg: LoraMethodConfig) -> LoraAdapted:
+    return LoraAdapted(peft_lora(model, cfg), cfg)
 
 
 # ---------------------------------------------------------------- QLoRA
 
 
-@dataclass
-class QLoraMethodConfig(LoraMethodConfig):
-    """QLoRA: the decoder's linears stored as NF4 (4-bit) and frozen; LoRA trained on top."""
-
-    name: ClassVar[str] = "qlora"
-    double_quant: bool = True
-    """Quantize the per-block scales too (≈0.37 bit/param saved)."""
-    backend: str = "auto"
-    """bitsandbytes | torch | auto (bitsandbytes when it works on this device, else pure-torch NF4)."""
-
-    def check(self) -> list[Problem]:
-        return super().check() + _choice("backend", self.backend, ("auto", "bitsandbytes", "torch"))
-
-
-def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> Adapted:
+def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> QLoraAdapted:
     backend = quantize_decoder(model, cfg.backend, cfg.double_quant)
     if backend == "torch":
         from peft.tuners.lora.layer import Linear as LoraLinear
 
         from slimtune.quant.nf4 import NF4Linear
 
-        peft_model = _peft_lora(model, cfg, custom={NF4Linear: LoraLinear})
+        peft_model = peft_lora(model, cfg, custom={NF4Linear: LoraLinear})
     else:
-        peft_model = _peft_lora(model, cfg)
+        peft_model = peft_lora(model, cfg)
     adapted = QLoraAdapted(peft_model, cfg)
     adapted.extra_state["nf4_backend"] = backend
     return adapted

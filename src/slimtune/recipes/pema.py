@@ -1,4 +1,8 @@
-"""`slimtune pema build-memory | train | generate CONFIG.yaml`: the two-party workflow from one config.
+"""PEMA's recipe: `slimtune pema build-memory | train | generate CONFIG.yaml`, the two-party workflow from one
+config (the other recipe is :func:`slimtune.api.train`). PEMA is a workflow, not a trainer method: it runs its
+own two-stage Adam loop on the external memory (``method.lr``, ``method.seed``, ``method.epochs_*``); a config
+that sets ``train.*`` keys other than ``output_dir`` is refused when validated.
+
 
 All three steps share ``train.output_dir`` (a fixed path):
 - ``owner/head.safetensors``: what the owner hands over once (final norm, LM head);
@@ -16,19 +20,129 @@ import random
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from slimtune.errors import UserError
 from slimtune.memory import peak_rss_bytes, runtime_rss_bytes
 from slimtune.methods.pema.config import PEMAConfig
-from slimtune.methods.pema.data_owner import (
+from slimtune.methods.pema.layer import (
     ExternalMemory,
     PEMAAdapter,
     build_memory,
-    pema_generate,
-    train_pema,
+    gu_lambda,
+    mix_log_probs,
+    prediction_loss,
+    reconstruction_loss,
 )
 from slimtune.methods.pema.owner import HeadBundle, Owner
+
+# ---------------------------------------------------------------- the two stages and generation
+
+
+def _train(
+    adapter, params, loss_fn, train: ExternalMemory, dev: ExternalMemory, batch: int, epochs: int, cfg, log
+):
+    """Adam over shuffled memory rows; validation every ``eval_every`` steps; stop when the dev loss is above both
+    previous checks (the reference's rule). Returns the history of (step, train loss, dev loss)."""
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, checks, step = [], [], 0
+    for _epoch in range(epochs):
+        order = torch.randperm(train.keys.shape[0], generator=gen)
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            adapter.train()
+            loss = loss_fn(train.keys[idx], train.values[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % cfg.eval_every == 0:
+                adapter.eval()
+                with torch.no_grad():
+                    dev_loss = float(loss_fn(dev.keys, dev.values))
+                history.append((step, float(loss), dev_loss))
+                log(f"step {step}: train {float(loss):.4f}, dev {dev_loss:.4f}")
+                if len(checks) >= 2 and dev_loss > checks[-1] and dev_loss > checks[-2]:
+                    return history
+                checks.append(dev_loss)
+    return history
+
+
+def train_pema(
+    head: HeadBundle, train: ExternalMemory, dev: ExternalMemory, cfg: PEMAConfig, log=print
+) -> tuple[PEMAAdapter, dict]:
+    """Stage 1 (reconstruction) then stage 2 (κ·MSE + (1 − κ)·CE); returns the adapter and the histories."""
+    torch.manual_seed(cfg.seed)
+    d = train.keys.shape[1]
+    adapter = PEMAAdapter(d, cfg)
+    if cfg.key_scale:
+        adapter.key_scale.fill_(float(1.0 / train.keys.pow(2).mean().sqrt()))
+    a = adapter
+    log("stage 1: reconstruction")
+    h1 = _train(
+        a, [a.pema_A, a.pema_B_rct], lambda x, y: reconstruction_loss(a, x), train, dev, cfg.batch_stage1,
+        cfg.epochs_stage1, cfg, log,
+    )  # fmt: skip
+    if not cfg.init_a2_from_stage1:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(a.pema_A, a=math.sqrt(5))
+    a.pema_B_rct.requires_grad_(False)
+
+    def joint(x, y):
+        return cfg.kappa * reconstruction_loss(a, x) + (1 - cfg.kappa) * prediction_loss(a, head, x, y)
+
+    log("stage 2: joint")
+    h2 = _train(a, [a.pema_A, a.pema_B_pd], joint, train, dev, cfg.batch_stage2, cfg.epochs_stage2, cfg, log)
+    a.eval()
+    return a, {"stage1": h1, "stage2": h2}
+
+
+@torch.no_grad()
+def pema_generate(
+    owner: Owner,
+    head: HeadBundle,
+    adapter: PEMAAdapter | None,
+    prompts: list[list[int]],
+    horizons: list[int],
+    cfg: PEMAConfig,
+    stop_ids: set[int],
+    constant_lambda: float | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy generation through the owner, mixing PEMA's distribution per step (λ per sequence)."""
+    results: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        p, hz = prompts[start : start + batch_size], horizons[start : start + batch_size]
+        session, f, logits = owner.begin(p)
+        out = [[] for _ in p]
+        alive = torch.ones(len(p), dtype=torch.bool)
+        for t in range(cfg.max_new_tokens):
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            if adapter is not None:
+                if constant_lambda is not None:
+                    lam = torch.full((len(p),), constant_lambda)
+                else:
+                    lam = torch.tensor([gu_lambda(t, cfg.lambda_max, h, cfg.gu_min) for h in hz])
+                if bool((lam > 0).any()):
+                    lp_pema = torch.log_softmax(head.logits(adapter.predict_hidden(f.float().cpu())), dim=-1)
+                    lp = mix_log_probs(lp.cpu(), lp_pema, lam)
+            nxt = lp.argmax(-1)
+            for i in range(len(p)):
+                if alive[i]:
+                    out[i].append(int(nxt[i]))
+                    if int(nxt[i]) in stop_ids:
+                        alive[i] = False
+            if not bool(alive.any()):
+                break
+            f, logits = owner.step(session, nxt)
+        results.extend(out)
+    return results
+
+
+# ---------------------------------------------------------------- the three steps, sharing train.output_dir
 
 
 def _workdir(cfg) -> Path:
@@ -53,7 +167,7 @@ def _need(path: Path, step: str) -> Path:
     return path
 
 
-def _records(cfg) -> tuple[list[dict], list[dict]]:
+def read_pairs(cfg) -> tuple[list[dict], list[dict]]:
     if cfg.data.task:
         from slimtune.tasks import get_task
 
@@ -72,7 +186,7 @@ def _records(cfg) -> tuple[list[dict], list[dict]]:
     return train, test[: cfg.data.eval_size] if cfg.data.eval_size else test
 
 
-def _encode(tok, rec: dict) -> tuple[list[int], list[int]]:
+def encode_pair(tok, rec: dict) -> tuple[list[int], list[int]]:
     from slimtune.data import instruction_prompt
 
     prompt = instruction_prompt(tok, rec["instruction"], rec.get("input", ""))
@@ -93,7 +207,7 @@ def _pema_cfg(cfg) -> PEMAConfig:
     return cfg.method
 
 
-def _dev_split(train: list[dict], pcfg: PEMAConfig) -> dict[str, list[dict]]:
+def dev_split(train: list[dict], pcfg: PEMAConfig) -> dict[str, list[dict]]:
     """The data owner's training pairs split into the memory's train and dev parts (seeded, reproducible)."""
     order = list(range(len(train)))
     random.Random(pcfg.seed).shuffle(order)
@@ -113,17 +227,17 @@ def build(cfg, log=print) -> dict:
     from slimtune.models import load
 
     pcfg, root = _pema_cfg(cfg), _workdir(cfg)
-    train, _ = _records(cfg)
+    train, _ = read_pairs(cfg)
     model, tok = load(cfg.model.name, cfg.model.dtype)
     owner = Owner(model, tok.pad_token_id if tok.pad_token_id is not None else _stop_id(tok))
-    split = _dev_split(train, pcfg)
+    split = dev_split(train, pcfg)
     out_owner, out_mem = _fresh(root / "owner"), _fresh(root / "memory")
     head = owner.export_head()
     save_file(head.tensors(), str(out_owner / "head.safetensors"), metadata={"eps": str(head.eps)})
     meta = {"mode": pcfg.memory_mode, "append_stop_target": pcfg.append_stop_target}
     t0 = time.perf_counter()
     for name, recs in split.items():
-        enc = [_encode(tok, r) for r in recs]
+        enc = [encode_pair(tok, r) for r in recs]
         mem = build_memory(owner, [p for p, _ in enc], [t for _, t in enc], pcfg, _stop_id(tok))
         mem.save(out_mem / f"{name}.safetensors")
         meta[name] = {"pairs": len(recs), "rows": int(mem.keys.shape[0]), "bytes": mem.nbytes()}
@@ -184,16 +298,16 @@ def generate(cfg, log=print, split: str = "test", out_dir: str | None = None) ->
     adapter = PEMAAdapter(head.weight.shape[1], pcfg)
     adapter.load_state_dict(state)
     adapter.eval()
-    train_recs, test = _records(cfg)
+    train_recs, test = read_pairs(cfg)
     if split == "dev":
-        test = _dev_split(train_recs, pcfg)["dev"]
+        test = dev_split(train_recs, pcfg)["dev"]
     if not test:
         raise UserError("data: no held-out pairs to generate for (use a task or data.eval_path)")
     out = _fresh(Path(out_dir) if out_dir else root / ("generate" if split == "test" else "generate-dev"))
     model, tok = load(cfg.model.name, cfg.model.dtype)
     stop = _stop_id(tok)
     owner = Owner(model, tok.pad_token_id if tok.pad_token_id is not None else stop)
-    prompts = [_encode(tok, r)[0] for r in test]
+    prompts = [encode_pair(tok, r)[0] for r in test]
     src = [len(tok(r.get("input") or r["instruction"], add_special_tokens=False).input_ids) for r in test]
     horizons = gu_horizons(pcfg, [len(p) for p in prompts], src)
     refs = [r["output"] for r in test]
@@ -234,11 +348,4 @@ def _score(cfg, preds: list[str], refs: list[str]) -> dict:
     return {"bleu": sacrebleu.corpus_bleu(preds, [refs]).score}
 
 
-def apply_pema(model, cfg):
-    raise UserError(
-        "method pema is a two-party workflow, not a single training run: use `slimtune pema build-memory CONFIG`, "
-        "`slimtune pema train CONFIG`, `slimtune pema generate CONFIG` (docs/methods/pema.md)"
-    )
-
-
-__all__ = ["apply_pema", "build", "generate", "train"]
+__all__ = ["build", "generate", "gu_horizons", "pema_generate", "train", "train_pema"]

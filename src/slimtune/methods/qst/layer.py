@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from slimtune.losses import frozen_head_cross_entropy
+from slimtune.losses import IGNORE, frozen_head_cross_entropy
 from slimtune.methods.qst.config import QSTConfig
 
 
@@ -142,8 +142,8 @@ class SideNetwork(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy. The labels are shifted (not the logits), so the [B, T, V] logits are never
     copied; the last position has no target."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE)
 
 
 @dataclass

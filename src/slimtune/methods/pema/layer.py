@@ -1,6 +1,7 @@
-"""The data owner's side of PEMA: the external memory, the adapter, its two training stages, and generation with
-Gradual Unrolling. Nothing here holds decoder weights: only the owner's ``HeadBundle``, memory rows and the
-adapter (tested by walking every tensor the objects reach).
+"""The data owner's side of PEMA: the external memory, the adapter, its losses, Gradual Unrolling and the mixing
+of distributions. Nothing here holds decoder weights: only the owner's ``HeadBundle``, memory rows and the adapter
+(tested by walking every tensor the objects reach). The two training stages and generation run in
+:mod:`slimtune.recipes.pema`.
 
 Adapter (no residual): z = s·A·drop(x), s = α/r;  h_rct = B_rct z;  h_pd = B_pd z;
 P_PEMA(w | c) = softmax(W · RMSNorm(h_pd)) with the owner's frozen head.
@@ -94,76 +95,17 @@ class PEMAAdapter(nn.Module):
         return F.linear(self.z(x), self.pema_B_pd)
 
 
-def _rct_loss(adapter: PEMAAdapter, x: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(adapter: PEMAAdapter, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(adapter.reconstruct(x), x * adapter.key_scale)
 
 
 PD_CHUNK = 128  # rows per logits block (128 x 49,152 fp32 = 25 MB); smaller blocks re-read the head more often: slower
 
 
-def _pd_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def prediction_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return frozen_head_rows_cross_entropy(
         head.norm(adapter.predict_hidden(x)), head.weight, y, chunk=PD_CHUNK
     )
-
-
-def _train(
-    adapter, params, loss_fn, train: ExternalMemory, dev: ExternalMemory, batch: int, epochs: int, cfg, log
-):
-    """Adam over shuffled memory rows; validation every ``eval_every`` steps; stop when the dev loss is above both
-    previous checks (the reference's rule). Returns the history of (step, train loss, dev loss)."""
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history, checks, step = [], [], 0
-    for _epoch in range(epochs):
-        order = torch.randperm(train.keys.shape[0], generator=gen)
-        for start in range(0, len(order), batch):
-            idx = order[start : start + batch]
-            adapter.train()
-            loss = loss_fn(train.keys[idx], train.values[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % cfg.eval_every == 0:
-                adapter.eval()
-                with torch.no_grad():
-                    dev_loss = float(loss_fn(dev.keys, dev.values))
-                history.append((step, float(loss), dev_loss))
-                log(f"step {step}: train {float(loss):.4f}, dev {dev_loss:.4f}")
-                if len(checks) >= 2 and dev_loss > checks[-1] and dev_loss > checks[-2]:
-                    return history
-                checks.append(dev_loss)
-    return history
-
-
-def train_pema(
-    head: HeadBundle, train: ExternalMemory, dev: ExternalMemory, cfg: PEMAConfig, log=print
-) -> tuple[PEMAAdapter, dict]:
-    """Stage 1 (reconstruction) then stage 2 (κ·MSE + (1 − κ)·CE); returns the adapter and the histories."""
-    torch.manual_seed(cfg.seed)
-    d = train.keys.shape[1]
-    adapter = PEMAAdapter(d, cfg)
-    if cfg.key_scale:
-        adapter.key_scale.fill_(float(1.0 / train.keys.pow(2).mean().sqrt()))
-    a = adapter
-    log("stage 1: reconstruction")
-    h1 = _train(
-        a, [a.pema_A, a.pema_B_rct], lambda x, y: _rct_loss(a, x), train, dev, cfg.batch_stage1,
-        cfg.epochs_stage1, cfg, log,
-    )  # fmt: skip
-    if not cfg.init_a2_from_stage1:
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(a.pema_A, a=math.sqrt(5))
-    a.pema_B_rct.requires_grad_(False)
-
-    def joint(x, y):
-        return cfg.kappa * _rct_loss(a, x) + (1 - cfg.kappa) * _pd_loss(a, head, x, y)
-
-    log("stage 2: joint")
-    h2 = _train(a, [a.pema_A, a.pema_B_pd], joint, train, dev, cfg.batch_stage2, cfg.epochs_stage2, cfg, log)
-    a.eval()
-    return a, {"stage1": h1, "stage2": h2}
 
 
 def gu_lambda(t: int, lambda_max: float, horizon: int, minimum: float = 0.0) -> float:
@@ -182,45 +124,3 @@ def mix_log_probs(lp_lm: torch.Tensor, lp_pema: torch.Tensor, lam: torch.Tensor)
     )
     out = torch.where(lam == 0, lp_lm, mixed)
     return torch.where(lam == 1, lp_pema, out)
-
-
-@torch.no_grad()
-def pema_generate(
-    owner: Owner,
-    head: HeadBundle,
-    adapter: PEMAAdapter | None,
-    prompts: list[list[int]],
-    horizons: list[int],
-    cfg: PEMAConfig,
-    stop_ids: set[int],
-    constant_lambda: float | None = None,
-    batch_size: int = 16,
-) -> list[list[int]]:
-    """Greedy generation through the owner, mixing PEMA's distribution per step (λ per sequence)."""
-    results: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        p, hz = prompts[start : start + batch_size], horizons[start : start + batch_size]
-        session, f, logits = owner.begin(p)
-        out = [[] for _ in p]
-        alive = torch.ones(len(p), dtype=torch.bool)
-        for t in range(cfg.max_new_tokens):
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            if adapter is not None:
-                if constant_lambda is not None:
-                    lam = torch.full((len(p),), constant_lambda)
-                else:
-                    lam = torch.tensor([gu_lambda(t, cfg.lambda_max, h, cfg.gu_min) for h in hz])
-                if bool((lam > 0).any()):
-                    lp_pema = torch.log_softmax(head.logits(adapter.predict_hidden(f.float().cpu())), dim=-1)
-                    lp = mix_log_probs(lp.cpu(), lp_pema, lam)
-            nxt = lp.argmax(-1)
-            for i in range(len(p)):
-                if alive[i]:
-                    out[i].append(int(nxt[i]))
-                    if int(nxt[i]) in stop_ids:
-                        alive[i] = False
-            if not bool(alive.any()):
-                break
-            f, logits = owner.step(session, nxt)
-        results.extend(out)
-    return results

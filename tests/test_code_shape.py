@@ -1,0 +1,156 @@
+"""The code keeps the shape its design claims: no import cycle inside slimtune, no private name imported from
+another module, short functions, and method folders that read alike (CONTRIBUTING.md)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "slimtune"
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, list[str], int]]:
+    """(imported slimtune module, names taken from it, line) for every import in the file, lazy ones included."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names if a.name in modules]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:  # `from slimtune import config`: the submodule itself
+                    out.append((f"{base}.{a.name}", [], node.lineno))
+                elif base in modules:
+                    out.append((base, [a.name], node.lineno))
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: {t for t, _, _ in _imports(m, p, modules)} - {m} for m, p in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), plus modules importing themselves."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_inside_slimtune():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    """The check itself can fail: the loop config.py and the method configs had (via the registry) is found."""
+    graph = import_graph()
+    graph["slimtune.schema"] = graph["slimtune.schema"] | {"slimtune.config"}
+    found = cycles(graph)
+    assert found and "slimtune.schema" in found[0] and "slimtune.config" in found[0]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_private_name_is_imported_from_another_module():
+    modules = _modules()
+    bad = [
+        f"{path.relative_to(SRC)}:{line}: {name} from {target}"
+        for module, path in modules.items()
+        for target, names, line in _imports(module, path, modules)
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    ]
+    assert bad == []
+
+
+def _long_functions(path: Path, root: Path = SRC) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                out.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_in_src_is_longer_than_the_limit():
+    assert [f for p in sorted(PKG.rglob("*.py")) for f in _long_functions(p)] == []
+
+
+def test_the_length_check_catches_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def short():\n    return 1\n\n\ndef f():\n{body}\n")
+    assert _long_functions(tmp_path / "long.py", tmp_path) == [
+        f"long.py:5 f ({MAX_FUNCTION_LINES + 1} lines)"
+    ]
+
+
+METHOD_DIRS = sorted(p for p in (PKG / "methods").iterdir() if p.is_dir() and p.name != "__pycache__")
+STANDARD = {"__init__.py", "config.py", "layer.py", "apply.py"}
+
+
+@pytest.mark.parametrize("folder", METHOD_DIRS, ids=lambda p: p.name)
+def test_method_folders_read_alike(folder):
+    """config.py and apply.py or layer.py, at most one more file; __init__ exports the config, the apply
+    function and the Adapted subclass (a workflow: the config) and nothing else."""
+    from slimtune.methods import METHODS, TRAINER
+
+    files = {p.name for p in folder.glob("*.py")}
+    assert {"__init__.py", "config.py"} <= files and files & {"apply.py", "layer.py"}
+    assert len(files - STANDARD) <= 1, sorted(files - STANDARD)
+    package = __import__(f"slimtune.methods.{folder.name}", fromlist=["__all__"])
+    exported = set(package.__all__)
+    specs = [s for s in METHODS.values() if s.config_cls.__module__.startswith(package.__name__ + ".")]
+    assert specs, f"no registry entry comes from {folder.name}"
+    expected = set()
+    for spec in specs:
+        expected.add(spec.config_cls.__name__)
+        if spec.kind == TRAINER:
+            expected.add(spec.apply.__name__)
+            expected.add(spec.apply.__annotations__.get("return", "").strip("'\""))
+    assert exported == expected
