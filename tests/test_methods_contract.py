@@ -1,8 +1,10 @@
 """The shared contract every method passes. A new method joins by adding one row to CASES."""
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -11,9 +13,10 @@ from tests.conftest import batch
 from slimtune.config import TrainConfig
 from slimtune.data import Encoded
 from slimtune.errors import ConfigError
-from slimtune.methods import METHODS, apply, make_config
+from slimtune.methods import METHODS, Adapted, MethodConfig, apply, make_config
 from slimtune.models import tiny_llama
 from slimtune.quant.backbone import bnb_works, quantize_decoder
+from slimtune.schema import positive
 from slimtune.trainer import Trainer
 
 BNB = bnb_works(torch.device("cpu"))
@@ -265,3 +268,49 @@ def test_trainer_calls_the_callbacks_in_the_documented_order(monkeypatch):
         ("on_step_start", 0), *one[:2], ("after_backward", 0), *one[2:], ("on_step_end", 1),
         ("on_step_start", 1), *one[:2], ("after_backward", 1), *one[2:], ("on_step_end", 2),
     ]  # fmt: skip
+
+
+@dataclass
+class NormTuneConfig(MethodConfig):
+    """A sixth method written as CONTRIBUTING.md says: train only the RMSNorm gains."""
+
+    name: ClassVar[str] = "normtune"
+    scale: float = 1.0
+    """An unused knob, to show the config machinery."""
+
+    def check(self):
+        return positive(self, "scale")
+
+
+def apply_normtune(model, cfg: NormTuneConfig) -> Adapted:
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("norm.weight"))
+    return Adapted(model, cfg)
+
+
+def test_a_new_method_needs_only_its_registry_line(
+    monkeypatch, tiny_model_dir, instr_jsonl, tmp_path, capsys
+):
+    """Config validation, `slimtune train`, `list`, checkpoints and reload learn a new method from its
+    MethodSpec alone: nothing else is edited."""
+    from slimtune import api
+    from slimtune import config as C
+    from slimtune.cli import main
+    from slimtune.methods import METHODS, MethodSpec
+
+    spec = MethodSpec("normtune", NormTuneConfig, apply_normtune, "adapter", "RMSNorm gains only")
+    monkeypatch.setitem(METHODS, "normtune", spec)
+    with pytest.raises(ConfigError, match=r"method.scale: -1.0 must be > 0"):
+        C.from_dict({"data": {"path": str(instr_jsonl)}, "method": {"name": "normtune", "scale": -1}})
+    raw = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(instr_jsonl), "max_length": 64},
+        "train": {"steps": 3, "batch_size": 4, "lr": 1e-2, "output_dir": str(tmp_path / "run"),
+                  "num_generations": 0, "eval_metric": False},
+        "method": {"name": "normtune"},
+    }  # fmt: skip
+    res = api.train(C.from_dict(raw))
+    assert res["steps"] == 3 and res["trainable_params"] == 5 * 64  # 2 layers x 2 norms + the final norm
+    _, p = api.load_run(tmp_path / "run")
+    assert all(n.endswith("norm.weight") for n in p.adapted.state_dict())
+    assert main(["list"]) == 0 and "normtune [trainer] RMSNorm gains only" in capsys.readouterr().out
