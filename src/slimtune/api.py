@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +68,17 @@ class Prepared:
     tok: object
 
 
-def prepare(cfg: C.RunConfig, loaded: tuple | None = None) -> Prepared:
-    """Seed, set threads, load the model on the default device (or take ``loaded`` = (model, tokenizer)) and
-    apply the method. `slimtune train`, `eval`, `generate`, `export` and `bench` all start here."""
+def prepare(cfg: C.RunConfig, loader: Callable[[], tuple] | None = None) -> Prepared:
+    """Set threads, seed, load the model on the default device (or call ``loader`` for (model, tokenizer): the
+    bench's random-weight shapes) and apply the method, in that order, so a seed gives the same initialisation
+    on every path. `slimtune train`, `eval`, `generate`, `export` and `bench` all start here."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    if loaded is None:
-        loaded = models.load(cfg.model.name, cfg.model.dtype, device=models.default_device())
-    model, tok = loaded
+    if loader is None:
+        model, tok = models.load(cfg.model.name, cfg.model.dtype, device=models.default_device())
+    else:
+        model, tok = loader()
     return Prepared(apply_method(model, cfg.method), tok)
 
 

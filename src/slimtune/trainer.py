@@ -1,4 +1,4 @@
-"""The training loop: one explicit loop on accelerate. It calls method hooks and knows no method by name."""
+"""The training loop: one explicit loop on accelerate. It calls the method's callbacks, never its name."""
 
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ class Trainer:
         accelerator=None,
         hold_schedules: bool = False,
     ):
-        """``hold_schedules``: tell the method the run length is unknown (``total_steps = None``), so schedules
-        stay at their first rung (benchmarks time a fixed state, not a schedule)."""
+        """``hold_schedules``: tell the method the run length is unknown (``total_steps = None``), so
+        schedules stay at their first rung (benchmarks time a fixed state, not a schedule)."""
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)

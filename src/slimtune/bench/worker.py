@@ -195,8 +195,8 @@ def run(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     cfg = _run_config(spec)
-    preloaded = load_for_bench(spec) if spec.get("shape") or spec.get("model") == "tiny" else None
-    p = api.prepare(cfg, preloaded)
+    random_weights = spec.get("shape") or spec.get("model") == "tiny"
+    p = api.prepare(cfg, (lambda: load_for_bench(spec)) if random_weights else None)
     adapted, tok = p.adapted, p.tok
     rows = _bench_rows(spec, tok, adapted.model.config.vocab_size)
     data = Encoded(rows, [list(r) for r in rows])

@@ -232,7 +232,7 @@ class SATAdapted(Adapted):
     def __init__(self, model: nn.Module, cfg: SATConfig, controller: SATController):
         super().__init__(model, cfg)
         self.controller = controller
-        self.modules = sat_modules(model)
+        self.sliced = sat_modules(model)  # (layer, kind, module) of every patched MLP and attention
         # optimizer_mask=freeze_omitted: (parameter, dim, rows, values) restored after the optimizer step
         self._frozen: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
         self.extra_state["omission_rate"] = controller.rate
@@ -249,7 +249,7 @@ class SATAdapted(Adapted):
         ctrl = self.controller
         if self.cfg.optimizer_mask != "freeze_omitted" or ctrl.rate == 0:
             return
-        for layer, kind, m in self.modules:
+        for layer, kind, m in self.sliced:
             union = ctrl.union.get((layer, kind))
             if union is None:
                 continue
