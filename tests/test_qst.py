@@ -35,7 +35,8 @@ def test_trainable_set_and_gradients_and_optimizer():
     a = make()
     names = {n for n, _ in a.named_trainable_parameters()}
     assert names and all(n.startswith("qst.") for n in names)
-    assert {n.split(".")[1] for n in names} == {"down", "gamma", "layers", "norm", "up", "alpha"}
+    assert {n.split(".")[1] for n in names} == {"down", "gamma", "side", "up", "alpha"}
+    assert {n.split(".")[2] for n in names if n.startswith("qst.side.")} == {"layers", "norm"}
     assert not any(p.requires_grad for n, p in a.model.named_parameters() if n.startswith("backbone."))
     perturb_alpha(a)
     a.model.train()

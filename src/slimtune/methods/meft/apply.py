@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.arch import gated_mlps
+from slimtune.arch import layer_mlps
 from slimtune.errors import UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.meft.config import MEFTConfig
@@ -107,10 +107,10 @@ class MEFTAdapted(Adapted):
 
 
 def apply_meft(model: nn.Module, cfg: MEFTConfig) -> MEFTAdapted:
-    mlps = gated_mlps(model)
+    mlps = layer_mlps(model)
     if not mlps:
         raise UserError(
-            f"method meft: {type(model).__name__} has no Llama-style MLP (gate/up/down_proj) to extend"
+            f"method meft: {type(model).__name__} has no feed-forward block (`mlp`) in its decoder layers to extend"
         )
     d = model.config.hidden_size
     std = cfg.init_std or getattr(model.config, "initializer_range", 0.02)

@@ -54,10 +54,11 @@ def set_sparsity(model: nn.Module, sparsity: float, nm: tuple[int, int] | None) 
 def sparsity_report(model: nn.Module) -> dict:
     """Zeros per targeted layer (of the masked weight) and overall; works on PST and on merged models."""
     layers = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, m in model.named_modules():
         if isinstance(m, PSTLinear):
             w = m.merged_linear().weight
-        elif isinstance(m, nn.Linear) and "lm_head" not in name:
+        elif isinstance(m, nn.Linear) and m is not head:
             w = m.weight
         else:
             continue
@@ -186,9 +187,11 @@ def _add_distillation(model: nn.Module, adapted: Adapted, cfg: PSTConfig) -> Non
 
 
 def apply_pst(model: nn.Module, cfg: PSTConfig) -> PSTAdapted:
-    targets = [
-        (n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and "lm_head" not in n
-    ]
+    head = model.get_output_embeddings()
+    if cfg.target_modules == ["all-linear"]:
+        targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    else:
+        targets = [(n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and m is not head]
     if not targets:
         raise UserError(
             f"method.target_modules: {cfg.target_modules} matches no module of {type(model).__name__}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from slimtune.arch import LLAMA_LINEARS
 from slimtune.methods.base import MethodConfig
 from slimtune.schema import Problem, choice, positive
 
@@ -15,8 +14,9 @@ class PSTConfig(MethodConfig):
     """Sparse-aware LoRA: mask = top-k of |W0 + βUV| + α1·AB + α2·(R ⊕ C) per layer, on a cubic schedule."""
 
     name: ClassVar[str] = "pst"
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
-    """Linears to sparsify, by name suffix (``q_proj``) or regular expression on the full name (``re:...``)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Linears to sparsify, by name suffix (``q_proj``) or regular expression on the full name (``re:...``);
+    ``all-linear``: every ``nn.Linear`` but the LM head (on a Llama: q/k/v/o/gate/up/down_proj)."""
     weight_rank: int = 8
     """r_w: rank of the weight update U V."""
     weight_beta: float = 1.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.errors import ConfigError
+from slimtune.arch import head_mismatch
+from slimtune.errors import ConfigError, UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.qst.config import QSTConfig
 from slimtune.methods.qst.layer import QSTModel, check_shape
@@ -57,6 +58,12 @@ def apply_qst(model: nn.Module, cfg: QSTConfig) -> QSTAdapted:
     problems = check_shape(model.config, cfg.r)
     if problems:
         raise ConfigError(problems)
+    mismatch = head_mismatch(model)
+    if mismatch:
+        raise UserError(
+            f"method qst: {type(model).__name__}'s logits are not lm_head(final hidden state) with a known "
+            f"scaling or soft-cap ({mismatch}); QST applies the frozen head itself and cannot follow it"
+        )
     if cfg.quantize:
         quantize_decoder(model, cfg.backend, cfg.double_quant)
     for p in model.parameters():

@@ -9,9 +9,14 @@ computed under ``torch.no_grad()``:
     g   = D_0(h_0)                                   # [B, T, d_s], d_s = d / r
     for i = 1..N:  beta_i = sigmoid(gamma_i)
                    g = (1 - beta_i) * D_{max(i-1,0)}(h_i) + beta_i * g
-                   g = SideLayer_i(g)                # a Llama decoder layer of width d_s, same heads
-    h   = alpha * FinalNorm(h_N) + (1 - alpha) * U(RMSNorm_side(g))     # U: d_s -> d
-    logits = lm_head(h)                              # frozen head
+                   g = SideLayer_i(g)                # the backbone's own decoder layer at width d_s
+    h   = alpha * FinalNorm(h_N) + (1 - alpha) * U(SideNorm(g))          # U: d_s -> d
+    logits = post(lm_head(h))                        # frozen head (+ the family's scaling / soft-capping)
+
+The side layers, their norm and rotary embedding are the backbone family's own (built with ``AutoModel`` from
+the backbone's config at width d/r, heads kept so head_dim shrinks by r): biases, q/k norms, norm offsets,
+sliding windows, soft-capping and multipliers follow the backbone. h_0 is the input of the first decoder layer
+(embeddings after the family's scaling).
 
 Only D, gamma, the side layers and norm, U and alpha are trained; nothing back-propagates through the backbone.
 """
@@ -19,6 +24,8 @@ Only D, gamma, the side layers and norm, U and alpha are trained; nothing back-p
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from slimtune.arch import decoder_layers, head_logits, logit_postprocessing
 from slimtune.losses import IGNORE, frozen_head_cross_entropy
 from slimtune.methods.qst.config import QSTConfig
 
@@ -59,30 +67,54 @@ class Downsample(nn.Module):
 
 
 def side_config(backbone_config, r: int):
-    """A copy of the backbone's config at width d/r (heads unchanged, so head_dim shrinks by r)."""
+    """A copy of the backbone's config at width d/r (heads unchanged, so head_dim shrinks by r), with a one-token
+    vocabulary (the side network never embeds tokens)."""
     cfg = copy.deepcopy(backbone_config)
     d, heads = backbone_config.hidden_size, backbone_config.num_attention_heads
     cfg.hidden_size = d // r
     cfg.intermediate_size = backbone_config.intermediate_size // r
     cfg.head_dim = (d // r) // heads
-    cfg._attn_implementation = "sdpa"
+    if getattr(cfg, "query_pre_attn_scalar", None) is not None:  # Gemma: attention scale 1/sqrt(head_dim)
+        cfg.query_pre_attn_scalar = cfg.head_dim
+    cfg.vocab_size = 1
+    cfg.tie_word_embeddings = False
+    cfg._attn_implementation = backbone_config._attn_implementation or "sdpa"
     return cfg
 
 
+def _rotary_share(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        value = params.get(key) if isinstance(params, dict) else None
+        value = value if value is not None else getattr(config, key, None)
+        if value is not None:
+            return float(value)
+    return 1.0
+
+
 def check_shape(backbone_config, r: int) -> list[str]:
-    d, heads, ff = (
-        backbone_config.hidden_size,
-        backbone_config.num_attention_heads,
-        backbone_config.intermediate_size,
-    )
+    d, heads = backbone_config.hidden_size, backbone_config.num_attention_heads
+    ff = getattr(backbone_config, "intermediate_size", None)
     problems = []
+    if ff is None:
+        return [f"method qst: {type(backbone_config).__name__} has no intermediate_size to shrink"]
     if d % r:
         problems.append(f"method.r: {r} does not divide the hidden size {d}")
     elif (d // r) % heads:
         problems.append(f"method.r: side width {d // r} is not a multiple of the {heads} attention heads")
+    elif int((d // r) // heads * _rotary_share(backbone_config)) % 2:
+        problems.append(
+            f"method.r: the side head_dim {(d // r) // heads} leaves an odd number of rotary dimensions; "
+            "choose a smaller r"
+        )
     if ff % r:
         problems.append(f"method.r: {r} does not divide the FFN size {ff}")
     return problems
+
+
+def cache_keyword(fn) -> str:
+    """The name a forward takes its KV cache by: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 class SideNetwork(nn.Module):
@@ -90,11 +122,7 @@ class SideNetwork(nn.Module):
 
     def __init__(self, backbone_config, cfg: QSTConfig):
         super().__init__()
-        from transformers.models.llama.modeling_llama import (
-            LlamaDecoderLayer,
-            LlamaRMSNorm,
-            LlamaRotaryEmbedding,
-        )
+        from transformers import AutoModel
 
         d, n = backbone_config.hidden_size, backbone_config.num_hidden_layers
         self.config = side_config(backbone_config, cfg.r)
@@ -102,40 +130,45 @@ class SideNetwork(nn.Module):
         self.down = nn.ModuleList(Downsample(cfg.downsample, d, d_s, cfg.rank, cfg.dropout) for _ in range(n))
         gate_shape = (n, d_s) if cfg.gate_shape == "channel" else (n, 1)
         self.gamma = nn.Parameter(torch.full(gate_shape, float(cfg.gate_init)))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(self.config, layer_idx=i) for i in range(n))
-        self.norm = LlamaRMSNorm(d_s, eps=self.config.rms_norm_eps)
-        self.rotary = LlamaRotaryEmbedding(config=self.config)
+        with torch.random.fork_rng(devices=[]):  # the family's own init draws are discarded ...
+            self.side = AutoModel.from_config(self.config)
+        self.side.set_input_embeddings(None)  # ... and the one-token embedding is dropped
+        for m in decoder_layers(self.side).modules():  # PyTorch's default Linear init, in layer order
+            if isinstance(m, nn.Linear) and not m.weight.is_meta:
+                m.reset_parameters()
+        self._states: list[torch.Tensor] | None = None
+        for i, layer in enumerate(decoder_layers(self.side)):
+            layer.register_forward_pre_hook(functools.partial(self._ladder, i), with_kwargs=True)
         self.up = nn.Linear(d_s, d)
         self.alpha = nn.Parameter(torch.full((d,), float(cfg.alpha_init)))
+
+    def _ladder(self, i: int, module, args, kwargs):
+        """Before side layer i: g = (1 - beta_i) * D_i(h_{i+1}) + beta_i * g (the ladder's mix)."""
+        g = args[0] if args else kwargs["hidden_states"]
+        beta = torch.sigmoid(self.gamma[i])
+        mixed = (1 - beta) * self.down[i](self._states[i + 1].to(g.dtype)) + beta * g
+        if args:
+            return (mixed, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": mixed}
 
     def forward(
         self, states: list[torch.Tensor], h_final: torch.Tensor, attention_mask, position_ids, cache=None
     ) -> torch.Tensor:
         """``states`` = [h_0, ..., h_N] (no grad); returns the fused final hidden state h (width d)."""
-        from transformers.masking_utils import create_causal_mask
-
         dtype = self.up.weight.dtype
         g = self.down[0](states[0].to(dtype))
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=g,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        pos = self.rotary(g, position_ids=position_ids)
-        for i, layer in enumerate(self.layers, start=1):
-            beta = torch.sigmoid(self.gamma[i - 1])
-            g = (1 - beta) * self.down[i - 1](states[i].to(dtype)) + beta * g
-            g = layer(
-                g,
-                attention_mask=mask,
+        self._states = states
+        try:
+            out = self.side(
+                inputs_embeds=g,
+                attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
-                position_embeddings=pos,
+                **{cache_keyword(self.side.forward): cache},
             )
-        side = self.up(self.norm(g))
+        finally:
+            self._states = None
+        side = self.up(out.last_hidden_state)
         return self.alpha * h_final.to(dtype) + (1 - self.alpha) * side
 
 
@@ -173,19 +206,22 @@ class QSTModel(nn.Module):
         self.backbone.eval()
         return self
 
-    def _decoder(self) -> nn.Module:
-        return self.backbone.model
-
     def run_backbone(
         self, input_ids, attention_mask, position_ids, cache
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Backbone forward without autograd; returns [h_0..h_N] (pre-norm) and FinalNorm(h_N)."""
-        decoder = self._decoder()
+        """Backbone forward without autograd; returns [h_0..h_N] (h_0: the first layer's input, h_i: layer i's
+        output, before the final norm) and FinalNorm(h_N)."""
+        decoder = self.backbone.base_model
+        layers = decoder_layers(self.backbone)
         states: list[torch.Tensor] = []
-        hooks = [decoder.embed_tokens.register_forward_hook(lambda m, i, o: states.append(o))]
+
+        def first_input(module, args, kwargs):
+            states.append(args[0] if args else kwargs["hidden_states"])
+
+        hooks = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
         hooks += [
             layer.register_forward_hook(lambda m, i, o: states.append(o[0] if isinstance(o, tuple) else o))
-            for layer in decoder.layers
+            for layer in layers
         ]
         try:
             with torch.no_grad():
@@ -193,8 +229,8 @@ class QSTModel(nn.Module):
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
                     use_cache=cache is not None,
+                    **{cache_keyword(decoder.forward): cache},
                 )
         finally:
             for h in hooks:
@@ -217,10 +253,14 @@ class QSTModel(nn.Module):
         h = self.qst(states, h_final, attention_mask, position_ids, cache.side if cache is not None else None)
         head = self.backbone.get_output_embeddings()
         h = h.to(head.weight.dtype)
-        if labels is not None and self.training and self.fused_loss and getattr(head, "bias", None) is None:
+        mult, cap = logit_postprocessing(self.config)
+        fused = self.fused_loss and cap is None and getattr(head, "bias", None) is None
+        if labels is not None and self.training and fused:
             # Training: the frozen head's loss gradient is formed chunk by chunk; no [B, T, V] logits exist.
+            # A logit multiplier (Granite) is folded into h: (m h) Wᵀ = m (h Wᵀ).
+            h = h * mult if mult != 1.0 else h
             return CausalLMOutputWithPast(loss=frozen_head_cross_entropy(h, head.weight, labels), logits=None)
-        logits = head(h)
+        logits = head_logits(self.backbone, h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
