@@ -6,6 +6,8 @@ attention module is.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -88,3 +90,23 @@ def head_mismatch(model: nn.Module) -> str | None:
     err = float((mine.float() - out.logits.float()).abs().max())
     scale = float(out.logits.float().abs().max()) + 1e-6
     return None if err <= 1e-3 * scale else f"max |difference| {err:.3g} of {scale:.3g}"
+
+
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "norm_f")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm a causal LM applies to its last decoder layer's output before the LM head."""
+    base = getattr(model, "base_model", model)
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"{type(model).__name__}: no final norm ({', '.join(FINAL_NORM_NAMES)}) in its base model"
+    )
+
+
+def cache_keyword(fn) -> str:
+    """The name a forward takes its KV cache by: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"

@@ -69,6 +69,11 @@ def cmd_list(args) -> int:
     from slimtune.models import ALIASES
     from slimtune.tasks import TASKS
 
+    if args.matrix:
+        from slimtune.capabilities import load_matrix, render
+
+        print(render(load_matrix()), end="")
+        return 0
     print("methods (trainer: `slimtune train` / `bench`; workflow: its own command):")
     for spec in METHODS.values():
         how = spec.kind if spec.command is None else f"{spec.kind}: `{spec.command}`"
@@ -164,6 +169,9 @@ def _add_config_commands(sub) -> None:
     v.set_defaults(fn=cmd_validate)
 
     lst = sub.add_parser("list", help="methods, model aliases and tasks")
+    lst.add_argument(
+        "--matrix", action="store_true", help="what each method does on each model family, dtype and feature"
+    )
     lst.set_defaults(fn=cmd_list)
 
 

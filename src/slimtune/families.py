@@ -66,9 +66,14 @@ FAMILIES: dict[str, Family] = {
         Family(
             "granite",
             "Granite: embedding, residual, attention and logit multipliers",
-            {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0625,
-             "logits_scaling": 8.0, "tie_word_embeddings": True},
-        ),  # fmt: skip
+            {
+                "embedding_multiplier": 4.0,
+                "residual_multiplier": 0.5,
+                "attention_multiplier": 0.125,
+                "logits_scaling": 2.0,
+                "tie_word_embeddings": True,
+            },
+        ),
         Family(
             "gpt_neox",
             "GPT-NeoX / Pythia: non-gated GELU MLP, fused query_key_value, LayerNorm, partial rotary",

@@ -85,6 +85,13 @@ class Trainer:
         params = adapted.trainable_parameters()
         if not params:
             raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
+        half = [n for n, p in adapted.named_trainable_parameters() if p.dtype == torch.float16]
+        if half:
+            raise UserError(
+                f"model.dtype: method '{adapted.cfg.name}' would train {len(half)} fp16 tensors (e.g. {half[0]}); "
+                "AdamW's eps (1e-8) is 0 in fp16 and small squared gradients underflow, so the update is NaN: "
+                "use model.dtype: bf16, or fp32 weights with train.mixed_precision: fp16 on a GPU"
+            )
         self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         if cfg.grad_checkpointing:

@@ -233,7 +233,7 @@ def build(cfg, log=print) -> dict:
     split = dev_split(train, pcfg)
     out_owner, out_mem = _fresh(root / "owner"), _fresh(root / "memory")
     head = owner.export_head()
-    save_file(head.tensors(), str(out_owner / "head.safetensors"), metadata={"eps": str(head.eps)})
+    save_file(head.tensors(), str(out_owner / "head.safetensors"), metadata=head.metadata())
     meta = {"mode": pcfg.memory_mode, "append_stop_target": pcfg.append_stop_target}
     t0 = time.perf_counter()
     for name, recs in split.items():
@@ -254,9 +254,8 @@ def load_head(root: Path) -> HeadBundle:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
-        eps = float(fh.metadata()["eps"])
-    t = load_file(str(path))
-    return HeadBundle(t["head.weight"], t["head.norm_weight"], eps)
+        meta = fh.metadata()
+    return HeadBundle.from_saved(load_file(str(path)), meta)
 
 
 def train(cfg, log=print) -> dict:

@@ -27,6 +27,12 @@ class MEFTAdapted(Adapted):
         super().__init__(model, cfg)
         self.stores, self.run = stores, run
 
+    def merge(self) -> nn.Module:
+        raise NotImplementedError(
+            "MEFT cannot be merged: each token uses its own top-K rows of a host-resident adapter (a ReLU over "
+            "its key activations), which no fixed dense weight reproduces"
+        )
+
     def on_step_start(self, step: int) -> None:
         self.run.device_bytes, self.run.rows = 0, []
         for st in self.stores:

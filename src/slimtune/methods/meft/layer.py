@@ -153,7 +153,8 @@ class MEFTLayer(nn.Module):
         )
         if valid is None:
             valid = torch.ones(xf.shape[0], dtype=torch.bool, device=x.device)
-        logits = self.router(xf) if self.router is not None else None
+        # the router keeps its own (fp32) dtype whatever the model's; its logits gate in the model's dtype
+        logits = self.router(xf.to(self.router.weight.dtype)) if self.router is not None else None
         cached = self.run.cache.get(self.index) if self.training else None
         if cached is None:
             cached = self._gather(xf, logits, valid)
@@ -164,7 +165,7 @@ class MEFTLayer(nn.Module):
         a = xf @ ks.to(xf.dtype).t()  # [T, |S|]
         if logits is not None:
             nk = self.cfg.r // self.cfg.experts
-            gate = logits[:, (s // nk).to(dev)]
+            gate = logits[:, (s // nk).to(dev)].to(a.dtype)
             if self.cfg.semantics == "union":  # unprobed experts contribute 0
                 probed = torch.zeros(xf.shape[0], self.cfg.experts, dtype=torch.bool, device=dev)
                 probed[rows.to(dev)[:, None], probe.to(dev)] = True

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.losses import frozen_head_rows_cross_entropy
+from slimtune.losses import IGNORE, frozen_head_rows_cross_entropy
 from slimtune.methods.pema.config import PEMAConfig
 from slimtune.methods.pema.owner import HeadBundle, Owner
 
@@ -103,9 +103,13 @@ PD_CHUNK = 128  # rows per logits block (128 x 49,152 fp32 = 25 MB); smaller blo
 
 
 def prediction_loss(adapter: PEMAAdapter, head: HeadBundle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return frozen_head_rows_cross_entropy(
-        head.norm(adapter.predict_hidden(x)), head.weight, y, chunk=PD_CHUNK
-    )
+    """Cross-entropy of P_PEMA through the frozen head: chunked and logit-free (a logit multiplier folded into
+    the normed state), or through full logits when the family soft-caps them (Gemma)."""
+    h = head.norm(adapter.predict_hidden(x))
+    if head.cap is not None:
+        return F.cross_entropy(head.post(h @ head.weight.float().t()), y, ignore_index=IGNORE)
+    h = h * head.mult if head.mult != 1.0 else h
+    return frozen_head_rows_cross_entropy(h, head.weight, y, chunk=PD_CHUNK)
 
 
 def gu_lambda(t: int, lambda_max: float, horizon: int, minimum: float = 0.0) -> float:

@@ -191,7 +191,9 @@ def apply_pst(model: nn.Module, cfg: PSTConfig) -> PSTAdapted:
     if cfg.target_modules == ["all-linear"]:
         targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
     else:
-        targets = [(n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and m is not head]
+        targets = [
+            (n, m) for n, m in model.named_modules() if _matches(n, cfg.target_modules) and m is not head
+        ]
     if not targets:
         raise UserError(
             f"method.target_modules: {cfg.target_modules} matches no module of {type(model).__name__}"

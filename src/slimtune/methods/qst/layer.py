@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from slimtune.arch import decoder_layers, head_logits, logit_postprocessing
+from slimtune.arch import cache_keyword, decoder_layers, head_logits, logit_postprocessing
 from slimtune.losses import IGNORE, frozen_head_cross_entropy
 from slimtune.methods.qst.config import QSTConfig
 
@@ -112,11 +111,6 @@ def check_shape(backbone_config, r: int) -> list[str]:
     return problems
 
 
-def cache_keyword(fn) -> str:
-    """The name a forward takes its KV cache by: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
-
-
 class SideNetwork(nn.Module):
     """All trainable parts of QST for a backbone with ``N`` decoder layers."""
 
@@ -131,7 +125,7 @@ class SideNetwork(nn.Module):
         gate_shape = (n, d_s) if cfg.gate_shape == "channel" else (n, 1)
         self.gamma = nn.Parameter(torch.full(gate_shape, float(cfg.gate_init)))
         with torch.random.fork_rng(devices=[]):  # the family's own init draws are discarded ...
-            self.side = AutoModel.from_config(self.config)
+            self.side = AutoModel.from_config(self.config, dtype=torch.get_default_dtype())
         self.side.set_input_embeddings(None)  # ... and the one-token embedding is dropped
         for m in decoder_layers(self.side).modules():  # PyTorch's default Linear init, in layer order
             if isinstance(m, nn.Linear) and not m.weight.is_meta:

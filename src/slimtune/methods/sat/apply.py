@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from slimtune.arch import LLAMA_LINEARS, is_attention, is_gated_mlp
+from slimtune.arch import LLAMA_LINEARS, decoder_layers, is_attention, is_gated_mlp
 from slimtune.errors import UserError
 from slimtune.losses import IGNORE
 from slimtune.methods.base import Adapted
@@ -300,13 +300,26 @@ def _with_lora(model: nn.Module, cfg: SATConfig) -> nn.Module:
     return peft_lora(model, lcfg)
 
 
+def _require_sliceable(model: nn.Module, cfg: SATConfig) -> None:
+    """One line naming the module type SAT cannot slice (fused or non-gated MLPs, fused q/k/v projections)."""
+    found = {k for _, k, _ in sat_modules(model)}
+    layers = decoder_layers(model)
+    needed = {"mlp": "a gated MLP with separate gate_proj/up_proj/down_proj",
+              "attn": "an attention with separate q_proj/k_proj/v_proj/o_proj"}  # fmt: skip
+    for kind in cfg.targets:
+        if kind not in found:
+            child = getattr(layers[0], "mlp" if kind == "mlp" else "self_attn", None)
+            if child is None:
+                child = next((c for n, c in layers[0].named_children() if "att" in n), layers[0])
+            raise UserError(
+                f"method sat: cannot slice {type(child).__name__} ({type(model).__name__}): SAT needs "
+                f"{needed[kind]}" + ("; set method.targets: [mlp] to omit MLP channels only" if kind == "attn"
+                                     and "mlp" in found else "")
+            )  # fmt: skip
+
+
 def apply_sat(model: nn.Module, cfg: SATConfig) -> SATAdapted:
-    modules = sat_modules(model)
-    if not any(k == "mlp" for _, k, _ in modules) or not any(k == "attn" for _, k, _ in modules):
-        raise UserError(
-            f"method sat: {type(model).__name__} has no Llama-style MLP (gate/up/down_proj) and attention "
-            "(q/k/v/o_proj) modules to slice"
-        )
+    _require_sliceable(model, cfg)
     if cfg.lora_r:
         model = _with_lora(model, cfg)
     else:

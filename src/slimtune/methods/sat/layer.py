@@ -159,6 +159,18 @@ def _model_namespace(module: nn.Module):
     return sys.modules[type(module).__module__]
 
 
+def _heads_of(attn: nn.Module, which: str, x: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
+    """Query or key heads ``rows`` as [batch, heads, tokens, head_dim], with the family's q/k norm: per head
+    (Qwen 3, Gemma 3: on the sliced heads) or over the whole projection (OLMo 2: the dense projection is
+    normalized first, then sliced, so the kept heads see the same normalization as in the dense model)."""
+    proj, norm = getattr(attn, f"{which}_proj"), getattr(attn, f"{which}_norm", None)
+    if norm is None:
+        return sliced_linear(x, proj, rows=rows).view(shape).transpose(1, 2)
+    if norm.weight.numel() == attn.head_dim:
+        return norm(sliced_linear(x, proj, rows=rows).view(shape)).transpose(1, 2)
+    return norm(proj(x)).index_select(-1, rows).view(shape).transpose(1, 2)
+
+
 def attend(
     attn: nn.Module,
     hidden_states: torch.Tensor,
@@ -174,9 +186,9 @@ def attend(
     hd, groups = attn.head_dim, attn.num_key_value_groups
     shape = (*hidden_states.shape[:-1], -1, hd)
     kv_used = torch.unique(kept // groups)  # sorted
-    q = sliced_linear(hidden_states, attn.q_proj, rows=head_rows(kept, hd)).view(shape).transpose(1, 2)
-    kv_rows = head_rows(kv_used, hd)
-    k = sliced_linear(hidden_states, attn.k_proj, rows=kv_rows).view(shape).transpose(1, 2)
+    q_rows, kv_rows = head_rows(kept, hd), head_rows(kv_used, hd)
+    q = _heads_of(attn, "q", hidden_states, q_rows, shape)
+    k = _heads_of(attn, "k", hidden_states, kv_rows, shape)
     v = sliced_linear(hidden_states, attn.v_proj, rows=kv_rows).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = ns.apply_rotary_pos_emb(q, k, cos, sin)
@@ -186,6 +198,10 @@ def attend(
     fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, ns.eager_attention_forward)
     kwargs.pop("past_key_values", None)  # the KV cache (named `cache` from transformers 5.24): not used here
     kwargs.pop("cache", None)
+    for name in ("sliding_window", "softcap"):  # what the family's own forward passes (Mistral, Qwen, Gemma)
+        value = getattr(attn, "attn_logit_softcapping" if name == "softcap" else name, None)
+        if value is not None:
+            kwargs.setdefault(name, value)
     out, _ = fn(
         _OneGroupView(attn),
         q,

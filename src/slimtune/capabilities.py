@@ -1,0 +1,469 @@
+"""What each trainer method does on each decoder family, in each dtype, with each trainer feature: found by
+probing tiny random models (``slimtune.families``), never declared by hand.
+
+``probe_family(method, family)`` runs the method contract on a tiny model of the family (apply, identity at
+initialisation, only method tensors change while the real trainer trains, loss falls, save -> load, merge into a
+plain HF model or a clear refusal, greedy generation; SAT's slicing checked against zeroed weights). A method
+that cannot support a family must refuse at ``apply`` with one line; anything else is a failure.
+
+``scripts/capabilities.py`` writes ``docs/capabilities.md`` and ``src/slimtune/capabilities.json`` from these
+probes; ``tests/test_capabilities.py`` fails when either is stale; ``slimtune list --matrix`` prints the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from slimtune.errors import ConfigError, UserError
+
+MATRIX_FILE = Path(__file__).with_name("capabilities.json")
+
+# tiny-model settings of each trainer method and the learning rate its "loss falls" check uses
+SETTINGS: dict[str, tuple[dict, float]] = {
+    "full": ({}, 1e-3),
+    "lora": ({"r": 4, "dropout": 0.0}, 5e-3),
+    "qlora": ({"r": 4, "dropout": 0.0, "backend": "torch"}, 5e-3),
+    "qst": ({"r": 4, "dropout": 0.0, "backend": "torch"}, 3e-2),
+    "sat": ({"rate": 0.5, "schedule": "constant"}, 1e-3),
+    "pst": ({"sparsity": 0.5}, 3e-3),
+    "meft": ({"r": 256, "k": 16, "experts": 16, "n_probe": 4}, 1e-2),
+}
+STEPS = 30
+
+
+@dataclass
+class Cell:
+    status: str  # yes | no (refused at apply, with its one line) | FAIL (anything else)
+    note: str = ""
+
+
+def batch(vocab: int = 256, b: int = 2, t: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def adapt(method: str, family: str, dtype: torch.dtype = torch.float32, **extra):
+    from slimtune.families import tiny_model
+    from slimtune.methods import apply, make_config
+
+    torch.manual_seed(123)
+    settings = {**SETTINGS[method][0], **extra}
+    return apply(tiny_model(family, dtype=dtype), make_config(method, **settings))
+
+
+def trainer_for(adapted, steps: int, lr: float, data: dict, **train):
+    """The real :class:`~slimtune.trainer.Trainer` over exactly ``data`` (every step sees the same rows)."""
+    from slimtune.config import TrainConfig
+    from slimtune.data import Encoded
+    from slimtune.trainer import Trainer
+
+    rows = data["input_ids"].tolist()
+    opts = {"batch_size": len(rows), "schedule": "constant", "max_grad_norm": None, "mixed_precision": "no"}
+    cfg = TrainConfig(steps=steps, lr=lr, **{**opts, **train})
+    enc = Encoded(rows, [list(r) for r in rows])
+    pad = SimpleNamespace(pad_token_id=0)
+    return Trainer(adapted, pad, cfg, enc, Encoded([], []), [], None, Path(tempfile.mkdtemp()))
+
+
+def train(adapted, steps: int, lr: float, data: dict, **train_opts) -> list[float]:
+    trainer = trainer_for(adapted, steps, lr, data, **train_opts)
+    trainer.model.train()
+    losses = [trainer.train_step()[0] for _ in range(steps)]
+    adapted.model.eval()
+    return losses
+
+
+def _reference(method: str, family: str) -> nn.Module:
+    """What the adapted model must equal at initialisation: the base (quantized where the method quantizes)."""
+    from slimtune.families import tiny_model
+    from slimtune.quant.backbone import quantize_decoder
+
+    base = tiny_model(family)
+    if method in ("qlora", "qst"):
+        quantize_decoder(base, "torch", double_quant=True)
+    return base.eval()
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise AssertionError(what)
+
+
+def _contract(method: str, family: str, a) -> None:
+    data, lr = batch(), SETTINGS[method][1]
+    a.model.eval()
+    got, want = a.model(**data).logits, _reference(method, family)(**data).logits
+    _check(
+        torch.allclose(got, want, atol=1e-5), f"not the base model at init ({(got - want).abs().max():.2e})"
+    )
+    tensors = list(a.model.named_parameters(remove_duplicate=False)) + list(a.model.named_buffers())
+    before = {n: t.detach().clone() for n, t in tensors}
+    trainable = {id(p) for p in a.trainable_parameters()}
+    losses = train(a, STEPS, lr, data)
+    changed = {n for n, t in tensors if not torch.equal(before[n], t)}
+    owned = set(a.state_dict())
+    outside = sorted(n for n, t in tensors if n in changed and id(t) not in trainable and n not in owned)
+    _check(changed and not outside, f"tensors outside the method changed: {outside[:3]}")
+    _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    _round_trip(method, family, a)
+    _merge(a)
+    out = a.generate(data["input_ids"][:, :5], data["attention_mask"][:, :5], 3, None, 0)
+    _check(tuple(out.shape) == (2, 3), f"generation gave shape {tuple(out.shape)}")
+
+
+def _round_trip(method: str, family: str, a) -> None:
+    data = batch(seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        a.save(tmp)
+        b = adapt(method, family)
+        b.load(tmp)
+    b.model.eval()
+    got, want = b.model(**data).logits, a.model(**data).logits
+    _check(
+        torch.allclose(got, want, atol=1e-5),
+        f"save -> load changed the logits ({(got - want).abs().max():.2e})",
+    )
+
+
+def _merge(a) -> None:
+    data = batch(seed=2)
+    try:
+        merged = a.merge()
+    except NotImplementedError as err:
+        _check("cannot be merged" in str(err), f"merge refused without saying why: {err}")
+        return
+    foreign = [
+        type(m).__name__
+        for m in merged.modules()
+        if not type(m).__module__.startswith(("torch", "transformers"))
+    ]
+    _check(not foreign, f"the merged model is not a plain HF model: {foreign[:3]}")
+    got, want = merged.eval()(**data).logits, a.model(**data).logits
+    _check(torch.allclose(got, want, atol=1e-4), f"merged logits differ ({(got - want).abs().max():.2e})")
+
+
+def _sat_slicing(family: str) -> None:
+    """SAT's sliced forward with fixed kept sets equals the dense model with the omitted channels' and heads'
+    outputs zeroed (down_proj columns, o_proj columns)."""
+    from slimtune.methods.sat.apply import sat_modules
+
+    a = adapt("sat", family)
+    ref = copy.deepcopy(a.model)
+    from slimtune.methods.sat.apply import remove_sat
+
+    remove_sat(ref)
+    modules = {(layer, kind): m for layer, kind, m in sat_modules(ref)}
+    for (layer, kind), m in modules.items():
+        if kind == "mlp":
+            n = m.down_proj.weight.shape[1]
+            kept = torch.arange(0, n, 2)
+            with torch.no_grad():
+                m.down_proj.weight[:, 1::2] = 0
+        else:
+            hd, n = m.head_dim, m.o_proj.weight.shape[1] // m.head_dim
+            kept = torch.tensor([h for h in range(n) if h % 2 == 0])
+            with torch.no_grad():
+                for h in range(1, n, 2):
+                    m.o_proj.weight[:, h * hd : (h + 1) * hd] = 0
+        a.controller.forced[(layer, kind)] = kept
+    a.model.train()
+    ref.train()
+    data = batch(seed=4)
+    got, want = a.model(**data).logits, ref(**data).logits
+    _check(torch.allclose(got, want, atol=1e-5), f"sliced forward differs ({(got - want).abs().max():.2e})")
+
+
+def probe_family(method: str, family: str) -> Cell:
+    """Run the contract of ``method`` on a tiny ``family`` model."""
+    try:
+        a = adapt(method, family)
+    except (UserError, ConfigError) as err:
+        return _refusal(err)
+    try:
+        _contract(method, family, a)
+        if method == "sat":
+            _sat_slicing(family)
+    except Exception as err:  # recorded, so one broken cell does not hide the others
+        return _failure(err)
+    return Cell("yes")
+
+
+def _pema_owner(family: str) -> None:
+    """PEMA's owner side: the exported head reproduces the model's logits from the final-layer states (checked
+    inside ``export_head``), and λ = 0 generation equals the model's own greedy generation."""
+    from slimtune.families import tiny_model
+    from slimtune.methods import make_config
+    from slimtune.methods.pema.layer import PEMAAdapter
+    from slimtune.methods.pema.owner import Owner
+    from slimtune.recipes.pema import pema_generate
+
+    model = tiny_model(family)
+    owner = Owner(model, pad_id=0)
+    head = owner.export_head()
+    cfg = make_config("pema", r=8, max_new_tokens=6)
+    torch.manual_seed(0)
+    adapter = PEMAAdapter(head.weight.shape[1], cfg).eval()
+    with torch.no_grad():
+        adapter.pema_B_pd.normal_()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    got = pema_generate(owner, head, adapter, prompts, [3, 3], cfg, stop_ids=set(), constant_lambda=0.0)
+    for p, seq in zip(prompts, got):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        _check(seq == ref[0, len(p) :].tolist(), f"λ = 0 generation differs from greedy: {seq}")
+    mixed = pema_generate(owner, head, adapter, prompts, [3, 3], cfg, stop_ids=set(), constant_lambda=1.0)
+    _check(all(len(seq) == 6 for seq in mixed), "λ = 1 generation did not run")
+
+
+def probe_pema(family: str) -> Cell:
+    try:
+        _pema_owner(family)
+    except UserError as err:
+        return Cell("no", str(err))
+    except Exception as err:
+        return Cell("FAIL", f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    return Cell("yes")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _refusal(err: Exception) -> Cell:
+    line = str(err) if isinstance(err, UserError) else "; ".join(err.problems)
+    return Cell("no", line) if "\n" not in line else Cell("FAIL", f"multi-line refusal: {line!r}")
+
+
+def _failure(err: Exception) -> Cell:
+    return Cell("FAIL", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}")
+
+
+def _dtype_run(method: str, dtype: torch.dtype) -> None:
+    """Model stored in ``dtype``; the real trainer; the saved state loads into an fp32 model and gives the same
+    eval loss within 5%."""
+    data, lr = batch(), SETTINGS[method][1]
+    a = adapt(method, "llama", dtype=dtype)
+    losses = train(a, STEPS, lr, data)
+    _check(all(torch.isfinite(torch.tensor(losses))), f"non-finite loss: {losses[-3:]}")
+    _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    low = float(a.model(**data).loss)
+    with tempfile.TemporaryDirectory() as tmp:
+        a.save(tmp)
+        b = adapt(method, "llama")
+        b.load(tmp)
+    full = float(b.model.eval()(**data).loss)
+    _check(abs(full - low) <= 0.05 * low, f"fp32 reload: eval loss {full:.3f} vs {low:.3f} in {dtype}")
+
+
+def probe_dtype(method: str, dtype: str) -> Cell:
+    try:
+        _dtype_run(method, DTYPES[dtype])
+    except (UserError, ConfigError) as err:
+        return _refusal(err)
+    except Exception as err:
+        return _failure(err)
+    return Cell("yes")
+
+
+def _state(a) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().float() for k, v in a.state_dict().items()}
+
+
+def _same_state(x: dict, y: dict, atol: float) -> bool:
+    return x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=atol) for k in x)
+
+
+def _grad_checkpointing(method: str) -> None:
+    """Recomputing activations gives the same trained state as keeping them."""
+    data, lr = batch(), SETTINGS[method][1]
+    a, b = adapt(method, "llama"), adapt(method, "llama")
+    train(a, 3, lr, data)
+    train(b, 3, lr, data, grad_checkpointing=True)
+    _check(_same_state(_state(a), _state(b), 1e-5), "checkpointed training ended elsewhere")
+
+
+def _grad_accumulation(method: str) -> None:
+    """Two micro-batches of 2 per step train (loss finite and falling)."""
+    data, lr = batch(b=4), SETTINGS[method][1]
+    losses = train(adapt(method, "llama"), STEPS, lr, data, batch_size=2, grad_accum=2)
+    _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+def _resume(method: str) -> None:
+    """4 steps with a checkpoint after step 2 and a crash; a fresh model and trainer resume from it: the state
+    after step 4 equals the uninterrupted run's (schedules, optimizer, RNG and data position all restored)."""
+    data, lr = batch(b=4), SETTINGS[method][1]
+    a = adapt(method, "llama")
+    straight = trainer_for(a, 4, lr, data, batch_size=2)
+    straight.model.train()
+    for _ in range(4):
+        straight.train_step()
+    b = adapt(method, "llama")
+    crashed = trainer_for(b, 4, lr, data, batch_size=2)
+    crashed.model.train()
+    crashed.train_step()
+    crashed.train_step()
+    crashed.save_checkpoint()
+    c = adapt(method, "llama")
+    resumed = trainer_for(c, 4, lr, data, batch_size=2)
+    resumed.run_dir = crashed.run_dir
+    resumed.train(resume=True)
+    _check(resumed.step == 4, f"resumed run ended at step {resumed.step}")
+    _check(
+        _same_state(_state(a), _state(c), 1e-6), "the resumed run ended elsewhere than the uninterrupted one"
+    )
+
+
+def _merge_export(method: str) -> None:
+    a = adapt(method, "llama")
+    train(a, 2, SETTINGS[method][1], batch())
+    a.merge()  # NotImplementedError (a refusal) or a plain model (checked by the family probe)
+
+
+def _peft_format(method: str) -> None:
+    a = adapt(method, "llama")
+    with tempfile.TemporaryDirectory() as tmp:
+        a.save(tmp)
+        files = {p.name for p in Path(tmp).iterdir()}
+    if not {"adapter_config.json", "adapter_model.safetensors"} <= files:
+        raise NotImplementedError("saves slimtune's own format")
+
+
+def _four_bit(method: str) -> None:
+    from slimtune.quant.backbone import is_4bit
+
+    a = adapt(method, "llama")
+    if not any(is_4bit(m) for m in a.model.modules()):
+        raise NotImplementedError("keeps the base in full precision")
+
+
+FEATURES = {
+    "merge": _merge_export,
+    "peft_format": _peft_format,
+    "4bit_base": _four_bit,
+    "grad_checkpointing": _grad_checkpointing,
+    "grad_accumulation": _grad_accumulation,
+    "resume": _resume,
+}
+
+
+def probe_feature(method: str, feature: str) -> Cell:
+    try:
+        FEATURES[feature](method)
+    except NotImplementedError as err:
+        return Cell("no", str(err).splitlines()[0])
+    except (UserError, ConfigError) as err:
+        return _refusal(err)
+    except Exception as err:
+        return _failure(err)
+    return Cell("yes")
+
+
+def probe_all(methods=None, families=None) -> dict:
+    from slimtune.families import FAMILIES
+
+    methods = methods or list(SETTINGS)
+    families = families or list(FAMILIES)
+    table = {m: {f: asdict(probe_family(m, f)) for f in families} for m in methods}
+    table["pema"] = {f: asdict(probe_pema(f)) for f in families}
+    features = {
+        m: {
+            **{d: asdict(probe_dtype(m, d)) for d in DTYPES},
+            **{f: asdict(probe_feature(m, f)) for f in FEATURES},
+        }
+        for m in methods
+    }
+    return {"families": table, "features": features}
+
+
+def load_matrix() -> dict:
+    return json.loads(MATRIX_FILE.read_text(encoding="utf-8"))
+
+
+FEATURE_TITLES = {
+    "fp32": "fp32",
+    "bf16": "bf16",
+    "fp16": "fp16",
+    "merge": "merge to a plain HF model",
+    "peft_format": "PEFT adapter format",
+    "4bit_base": "4-bit base",
+    "grad_checkpointing": "gradient checkpointing",
+    "grad_accumulation": "gradient accumulation",
+    "resume": "exact resume",
+}
+
+HEADER = """# Capabilities
+
+Generated by `scripts/capabilities.py` from probes of tiny random models (`slimtune.capabilities`); do not
+edit by hand: `tests/test_capabilities.py` regenerates it and fails when this file is stale. `slimtune list
+--matrix` prints it.
+
+**yes**: the probe passed. **no (n)**: refused with the one line in note n (a clear refusal, never a shape error
+deep in a forward). **FAIL**: a bug (none may stay).
+"""
+
+
+class _Notes:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def cell(self, c: dict) -> str:
+        if c["status"] == "yes":
+            return "yes"
+        if c["note"] not in self.lines:
+            self.lines.append(c["note"])
+        return f"{c['status']} ({self.lines.index(c['note']) + 1})"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(matrix: dict) -> str:
+    """The Markdown of ``docs/capabilities.md`` from a probe result."""
+    from slimtune.families import FAMILIES
+
+    notes = _Notes()
+    fams = matrix["families"]
+    families = list(next(iter(fams.values())))
+    rows = [
+        [m if m != "pema" else "pema (owner side)", *(notes.cell(fams[m][f]) for f in families)] for m in fams
+    ]
+    lines = [HEADER, "## Decoder families", ""]
+    lines += _table(["method", *families], rows)
+    lines += [
+        "",
+        "Each cell runs the method contract on the family's tiny model through the real trainer: identity at "
+        "initialisation, only method tensors change, loss falls, save → load, merge into a plain HF model "
+        "with equal logits (or a refusal saying why), greedy generation; SAT's slicing is checked against the "
+        "dense model with the omitted channels and heads zeroed. PEMA's owner side: the exported head "
+        "reproduces the model's logits, and λ = 0 generation equals the model's greedy generation.",
+        "",
+    ]
+    lines += _table(["family", "what the tiny model keeps"], [[f, FAMILIES[f].what] for f in families])
+    feats = matrix["features"]
+    lines += ["", "## Dtypes and trainer features (tiny Llama)", ""]
+    lines += _table(
+        ["method", *FEATURE_TITLES.values()],
+        [[m, *(notes.cell(feats[m][k]) for k in FEATURE_TITLES)] for m in feats],
+    )
+    lines += [
+        "",
+        "Dtypes: the model stored in that dtype, trained by the real trainer (loss finite and falling 5%), and "
+        "its saved state loaded into an fp32 model gives the same eval loss within 5%. Gradient checkpointing: "
+        "the same trained state as without it. Exact resume: a run checkpointed after step 2 and resumed in a "
+        "fresh model and trainer ends at step 4 with the uninterrupted run's state.",
+        "",
+        "## Notes",
+        "",
+    ]
+    lines += [f"{i}. {line}" for i, line in enumerate(notes.lines, 1)]
+    return "\n".join(lines) + "\n"
