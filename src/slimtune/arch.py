@@ -14,23 +14,26 @@ from torch import nn
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear layers of a Llama-family decoder layer (attention, then the gated MLP)."""
 
-GATED_MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
-ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups")
+GATED_MLP_PARTS = (
+    ("gate_proj", "up_proj", "down_proj", "act_fn"),
+    ("gate_up_proj", "down_proj", "activation_fn"),
+)
+ATTENTION_PARTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+ATTENTION_COMMON = ("o_proj", "head_dim", "num_key_value_groups")
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
-    """A Llama-style gated MLP: down(act(gate(x)) * up(x))."""
-    return all(hasattr(module, a) for a in GATED_MLP_PARTS)
+    """A gated MLP, down(act(gate(x)) * up(x)), with separate projections (Llama) or a fused gate_up_proj
+    holding gate then up (Phi-3)."""
+    return any(all(hasattr(module, a) for a in parts) for parts in GATED_MLP_PARTS)
 
 
 def is_attention(module: nn.Module) -> bool:
-    """A Llama-style attention module with separate q/k/v/o projections (grouped-query allowed)."""
-    return all(hasattr(module, a) for a in ATTENTION_PARTS)
-
-
-def gated_mlps(model: nn.Module) -> list[nn.Module]:
-    """Every Llama-style gated MLP of ``model``, in model order."""
-    return [m for _, m in model.named_modules() if is_gated_mlp(m)]
+    """A Llama-style attention with q/k/v projections, separate or fused as [q; k; v] rows (Phi-3's qkv_proj),
+    grouped-query allowed."""
+    return all(hasattr(module, a) for a in ATTENTION_COMMON) and any(
+        all(hasattr(module, a) for a in parts) for parts in ATTENTION_PARTS
+    )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

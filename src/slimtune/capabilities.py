@@ -152,34 +152,40 @@ def _merge(a) -> None:
 
 
 def _sat_slicing(family: str) -> None:
-    """SAT's sliced forward with fixed kept sets equals the dense model with the omitted channels' and heads'
-    outputs zeroed (down_proj columns, o_proj columns)."""
-    from slimtune.methods.sat.apply import sat_modules
+    """SAT's sliced forward and backward with fixed kept sets (every other MLP channel and query head) equal the
+    dense model's with the omitted channels' and heads' outputs zeroed (their down_proj / o_proj columns), the
+    gradients of those zeroed columns aside (SAT gives them none)."""
+    from slimtune.methods.sat.apply import remove_sat, sat_modules
+    from slimtune.methods.sat.layer import attn_parts, mlp_parts
 
     a = adapt("sat", family)
-    ref = copy.deepcopy(a.model)
-    from slimtune.methods.sat.apply import remove_sat
-
-    remove_sat(ref)
-    modules = {(layer, kind): m for layer, kind, m in sat_modules(ref)}
-    for (layer, kind), m in modules.items():
-        if kind == "mlp":
-            n = m.down_proj.weight.shape[1]
-            kept = torch.arange(0, n, 2)
-            with torch.no_grad():
-                m.down_proj.weight[:, 1::2] = 0
-        else:
-            hd, n = m.head_dim, m.o_proj.weight.shape[1] // m.head_dim
-            kept = torch.tensor([h for h in range(n) if h % 2 == 0])
-            with torch.no_grad():
-                for h in range(1, n, 2):
-                    m.o_proj.weight[:, h * hd : (h + 1) * hd] = 0
-        a.controller.forced[(layer, kind)] = kept
+    ref = remove_sat(copy.deepcopy(a.model))
+    skip: dict[str, torch.Tensor] = {}  # parameter name -> columns whose gradient differs by design
+    names = {id(p): n for n, p in ref.named_parameters()}
+    for layer, kind, m in sat_modules(ref):
+        out = mlp_parts(m)[2] if kind == "mlp" else attn_parts(m)[3]
+        width = 1 if kind == "mlp" else m.head_dim
+        n = out.weight.shape[1] // width
+        omitted = torch.arange(1, n, 2)
+        cols = (omitted[:, None] * width + torch.arange(width)).flatten()
+        with torch.no_grad():
+            out.weight[:, cols] = 0
+        skip[names[id(out.weight)]] = cols
+        a.controller.forced[(layer, kind)] = torch.arange(0, n, 2)
     a.model.train()
     ref.train()
     data = batch(seed=4)
-    got, want = a.model(**data).logits, ref(**data).logits
-    _check(torch.allclose(got, want, atol=1e-5), f"sliced forward differs ({(got - want).abs().max():.2e})")
+    got, want = a.model(**data), ref(**data)
+    _check(
+        torch.allclose(got.logits, want.logits, atol=1e-5), "sliced forward differs from the zeroed dense one"
+    )
+    got.loss.backward()
+    want.loss.backward()
+    for (name, p), (_, q) in zip(a.model.named_parameters(), ref.named_parameters(), strict=True):
+        g, h = p.grad.clone(), q.grad.clone()
+        if name in skip:
+            g[:, skip[name]] = h[:, skip[name]] = 0
+        _check(torch.allclose(g, h, atol=1e-5), f"gradient of {name} differs from the zeroed dense model's")
 
 
 def probe_family(method: str, family: str) -> Cell:

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from slimtune.arch import LLAMA_LINEARS, decoder_layers, is_attention, is_gated_mlp
+from slimtune.arch import decoder_layers, is_attention, is_gated_mlp
 from slimtune.errors import UserError
 from slimtune.losses import IGNORE
 from slimtune.methods.base import Adapted
@@ -22,10 +22,12 @@ from slimtune.methods.sat.layer import (
     activation_scores,
     attend,
     attention_forward,
+    attn_parts,
     base_weight,
     choose,
     head_scores,
     mlp_forward,
+    mlp_parts,
     mlp_scores,
     n_kept,
     omitted_heads_output,
@@ -99,7 +101,7 @@ class SATController:
             return self.cache[key]
         if key in self.forced:
             idx = self.forced[key].to(x.device)
-            w = base_weight(module.gate_proj if kind == "mlp" else module.q_proj)
+            w = base_weight(mlp_parts(module)[0] if kind == "mlp" else attn_parts(module)[0])
             n = w.shape[0] if kind == "mlp" else w.shape[0] // module.head_dim
         else:
             if scores is None:
@@ -136,8 +138,9 @@ def _sliced_mlp(
         if reuse and ctrl.needs_scores(layer, "mlp"):
             # dense pre-activations: they score the channels and are reused for the kept
             with torch.no_grad():
-                known = (sliced_linear(x, mlp.gate_proj), sliced_linear(x, mlp.up_proj))
-                scores = activation_scores(mlp.act_fn(known[0]) * known[1], token_mask)
+                gate, up, _, act = mlp_parts(mlp)
+                known = (sliced_linear(x, gate), sliced_linear(x, up))
+                scores = activation_scores(act(known[0]) * known[1], token_mask)
         kept = ctrl.kept(layer, "mlp", mlp, x, scores)
     finally:
         ctrl.token_mask = saved
@@ -185,7 +188,7 @@ def _patch_attention(attn: nn.Module, layer: int, ctrl: SATController) -> None:
         if ctrl.cfg.metric == "activation" and ctrl.needs_scores(layer, "attn"):
             with torch.no_grad():  # every head's output norm from a dense no-grad attention pass
                 every = torch.arange(
-                    attn.q_proj.weight.shape[0] // attn.head_dim, device=hidden_states.device
+                    base_weight(attn_parts(attn)[0]).shape[0] // attn.head_dim, device=hidden_states.device
                 )
                 out = attend(attn, hidden_states, position_embeddings, attention_mask, every, **kwargs)
                 scores = activation_scores(
@@ -290,13 +293,11 @@ class SATAdapted(Adapted):
 
 
 def _with_lora(model: nn.Module, cfg: SATConfig) -> nn.Module:
-    """lora_r > 0: peft LoRA on every attention and MLP linear (the base frozen); sliced with their base."""
+    """lora_r > 0: peft LoRA on every linear but the head (the base frozen); sliced with their base."""
     from slimtune.methods.baselines.apply import peft_lora
     from slimtune.methods.baselines.config import LoraMethodConfig
 
-    lcfg = LoraMethodConfig(
-        r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0, target_modules=list(LLAMA_LINEARS)
-    )
+    lcfg = LoraMethodConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0, target_modules=["all-linear"])
     return peft_lora(model, lcfg)
 
 
@@ -304,8 +305,8 @@ def _require_sliceable(model: nn.Module, cfg: SATConfig) -> None:
     """One line naming the module type SAT cannot slice (fused or non-gated MLPs, fused q/k/v projections)."""
     found = {k for _, k, _ in sat_modules(model)}
     layers = decoder_layers(model)
-    needed = {"mlp": "a gated MLP with separate gate_proj/up_proj/down_proj",
-              "attn": "an attention with separate q_proj/k_proj/v_proj/o_proj"}  # fmt: skip
+    needed = {"mlp": "a gated MLP (gate_proj/up_proj/down_proj, or a fused gate_up_proj)",
+              "attn": "an attention with q/k/v/o projections (separate, or a fused qkv_proj)"}  # fmt: skip
     for kind in cfg.targets:
         if kind not in found:
             child = getattr(layers[0], "mlp" if kind == "mlp" else "self_attn", None)

@@ -37,10 +37,48 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Part:
+    """Output rows [offset, offset + size) of a fused projection, used wherever a linear is (Phi-3's
+    ``gate_up_proj`` holds gate then up; its ``qkv_proj`` holds q, k, then v)."""
+
+    layer: nn.Module
+    offset: int
+    size: int
+
+
+def _unfused(layer, rows: torch.Tensor | None) -> tuple[nn.Module, torch.Tensor | None]:
+    """(the real layer, ``rows`` shifted into it) for a :class:`Part`; unchanged for a plain layer."""
+    if not isinstance(layer, Part):
+        return layer, rows
+    if rows is None:
+        rows = torch.arange(layer.size, device=_lora_parts(layer.layer)[0].weight.device)
+    return layer.layer, rows + layer.offset
+
+
+def mlp_parts(mlp: nn.Module):
+    """(gate, up, down, activation) of a gated MLP, separate (Llama) or fused (Phi-3's gate_up_proj)."""
+    if hasattr(mlp, "gate_proj"):
+        return mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+    f = _lora_parts(mlp.down_proj)[0].weight.shape[1]
+    return Part(mlp.gate_up_proj, 0, f), Part(mlp.gate_up_proj, f, f), mlp.down_proj, mlp.activation_fn
+
+
+def attn_parts(attn: nn.Module):
+    """(q, k, v, o) of an attention module, separate or fused (Phi-3's qkv_proj)."""
+    if hasattr(attn, "q_proj"):
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+    q = _lora_parts(attn.o_proj)[0].weight.shape[1]
+    kv = (_lora_parts(attn.qkv_proj)[0].weight.shape[0] - q) // 2
+    fused = attn.qkv_proj
+    return Part(fused, 0, q), Part(fused, q, kv), Part(fused, q + kv, kv), attn.o_proj
 
 
 def _lora_parts(layer: nn.Module):
@@ -68,6 +106,7 @@ def sliced_linear(
     x: torch.Tensor, layer: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``layer(x)`` restricted to output ``rows`` and input ``cols`` (``x`` already has only ``cols`` features)."""
+    layer, rows = _unfused(layer, rows)
     base, loras = _lora_parts(layer)
     w, b = base.weight, base.bias
     if rows is not None:
@@ -85,7 +124,9 @@ def sliced_linear(
     return y
 
 
-def base_weight(layer: nn.Module) -> torch.Tensor:
+def base_weight(layer) -> torch.Tensor:
+    if isinstance(layer, Part):
+        return _lora_parts(layer.layer)[0].weight.narrow(0, layer.offset, layer.size)
     return _lora_parts(layer)[0].weight
 
 
@@ -121,10 +162,11 @@ class _KnownRows(torch.autograd.Function):
 
 
 def _rows_of(x, layer, rows, known, reuse):
-    if reuse and getattr(layer, "base_layer", None) is None:  # a plain linear: reuse known values
+    real, real_rows = _unfused(layer, rows)
+    if reuse and getattr(real, "base_layer", None) is None:  # a plain linear: reuse known values
         with torch.no_grad():  # (a checkpointed recomputation has no dense pass; its values are recomputed)
             values = known.index_select(-1, rows) if known is not None else sliced_linear(x, layer, rows=rows)
-        return _KnownRows.apply(values, x, layer.weight, layer.bias, rows)
+        return _KnownRows.apply(values, x, real.weight, real.bias, real_rows)
     return sliced_linear(x, layer, rows=rows)
 
 
@@ -138,9 +180,10 @@ def mlp_forward(
     """The MLP on the kept channels. ``known``: the dense gate and up outputs already computed without grad;
     ``reuse``: take gate/up values from ``known`` (the same autograd path either way, so a checkpointed
     recomputation saves the same tensors as the first forward)."""
-    gate = _rows_of(x, mlp.gate_proj, kept, known[0] if known else None, reuse)
-    up = _rows_of(x, mlp.up_proj, kept, known[1] if known else None, reuse)
-    return sliced_linear(mlp.act_fn(gate) * up, mlp.down_proj, cols=kept)
+    gate_p, up_p, down_p, act = mlp_parts(mlp)
+    gate = _rows_of(x, gate_p, kept, known[0] if known else None, reuse)
+    up = _rows_of(x, up_p, kept, known[1] if known else None, reuse)
+    return sliced_linear(act(gate) * up, down_p, cols=kept)
 
 
 class _OneGroupView:
@@ -163,7 +206,7 @@ def _heads_of(attn: nn.Module, which: str, x: torch.Tensor, rows: torch.Tensor, 
     """Query or key heads ``rows`` as [batch, heads, tokens, head_dim], with the family's q/k norm: per head
     (Qwen 3, Gemma 3: on the sliced heads) or over the whole projection (OLMo 2: the dense projection is
     normalized first, then sliced, so the kept heads see the same normalization as in the dense model)."""
-    proj, norm = getattr(attn, f"{which}_proj"), getattr(attn, f"{which}_norm", None)
+    proj, norm = attn_parts(attn)["qk".index(which)], getattr(attn, f"{which}_norm", None)
     if norm is None:
         return sliced_linear(x, proj, rows=rows).view(shape).transpose(1, 2)
     if norm.weight.numel() == attn.head_dim:
@@ -189,7 +232,7 @@ def attend(
     q_rows, kv_rows = head_rows(kept, hd), head_rows(kv_used, hd)
     q = _heads_of(attn, "q", hidden_states, q_rows, shape)
     k = _heads_of(attn, "k", hidden_states, kv_rows, shape)
-    v = sliced_linear(hidden_states, attn.v_proj, rows=kv_rows).view(shape).transpose(1, 2)
+    v = sliced_linear(hidden_states, attn_parts(attn)[2], rows=kv_rows).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
     q, k = ns.apply_rotary_pos_emb(q, k, cos, sin)
     if groups > 1:  # one K/V per kept query head (what repeat_kv does for all heads in the dense path)
@@ -218,7 +261,7 @@ def attend(
 def attention_forward(attn: nn.Module, hidden_states, position_embeddings, attention_mask, kept, **kwargs):
     """Llama-family attention over the kept query heads ``kept`` (sorted); returns (output, None)."""
     out = attend(attn, hidden_states, position_embeddings, attention_mask, kept, **kwargs)
-    return sliced_linear(out, attn.o_proj, cols=head_rows(kept, attn.head_dim)), None
+    return sliced_linear(out, attn_parts(attn)[3], cols=head_rows(kept, attn.head_dim)), None
 
 
 def omitted_slices(
@@ -228,6 +271,8 @@ def omitted_slices(
     out = []
 
     def add(layer, rows=None, cols=None):
+        if isinstance(layer, Part):
+            layer, rows = _unfused(layer, rows)
         base, loras = _lora_parts(layer)
         if not loras:
             if rows is not None:
@@ -244,16 +289,18 @@ def omitted_slices(
                 out.append((a_w, 1, cols))
 
     if kind == "mlp":
-        add(module.gate_proj, rows=omitted)
-        add(module.up_proj, rows=omitted)
-        add(module.down_proj, cols=omitted)
+        gate, up, down, _ = mlp_parts(module)
+        add(gate, rows=omitted)
+        add(up, rows=omitted)
+        add(down, cols=omitted)
     else:
         hd = module.head_dim
-        add(module.q_proj, rows=head_rows(omitted, hd))
-        add(module.o_proj, cols=head_rows(omitted, hd))
+        q, k, v, o = attn_parts(module)
+        add(q, rows=head_rows(omitted, hd))
+        add(o, cols=head_rows(omitted, hd))
         if kv_omitted is not None and len(kv_omitted):
-            add(module.k_proj, rows=head_rows(kv_omitted, hd))
-            add(module.v_proj, rows=head_rows(kv_omitted, hd))
+            add(k, rows=head_rows(kv_omitted, hd))
+            add(v, rows=head_rows(kv_omitted, hd))
     return [(p, d, i) for p, d, i in out if p.requires_grad]
 
 
@@ -279,12 +326,13 @@ def omitted_mlp_output(
 ) -> torch.Tensor:
     """The omitted channels' share of the MLP output, without grad (omit=backward: dense forward value,
     gradient only through the kept channels). Reuses the dense gate/up values when the scorer computed them."""
-    omitted = complement(kept, base_weight(mlp.gate_proj).shape[0])
+    gate_p, up_p, down_p, act = mlp_parts(mlp)
+    omitted = complement(kept, base_weight(gate_p).shape[0])
     if known is not None:
         gate, up = known[0].index_select(-1, omitted), known[1].index_select(-1, omitted)
     else:
-        gate, up = sliced_linear(x, mlp.gate_proj, rows=omitted), sliced_linear(x, mlp.up_proj, rows=omitted)
-    return _input_cols_no_bias(mlp.act_fn(gate) * up, mlp.down_proj, omitted)
+        gate, up = sliced_linear(x, gate_p, rows=omitted), sliced_linear(x, up_p, rows=omitted)
+    return _input_cols_no_bias(act(gate) * up, down_p, omitted)
 
 
 @torch.no_grad()
@@ -300,13 +348,13 @@ def omitted_heads_output(
     """The omitted query heads' share of the attention output (after ``o_proj``), without grad.
     ``every_out``: every head's output before ``o_proj`` when the scorer already computed it."""
     hd = attn.head_dim
-    omitted = complement(kept, base_weight(attn.q_proj).shape[0] // hd)
+    omitted = complement(kept, base_weight(attn_parts(attn)[0]).shape[0] // hd)
     cols = head_rows(omitted, hd)
     if every_out is not None:
         out = every_out.index_select(-1, cols)
     else:
         out = attend(attn, hidden_states, position_embeddings, attention_mask, omitted, **kwargs)
-    return _input_cols_no_bias(out, attn.o_proj, cols)
+    return _input_cols_no_bias(out, attn_parts(attn)[3], cols)
 
 
 # ---------------------------------------------------------------- importance and the kept set
@@ -321,11 +369,12 @@ def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 @torch.no_grad()
 def mlp_scores(mlp, x: torch.Tensor, mask: torch.Tensor | None, metric: str) -> torch.Tensor:
-    wg, wu = base_weight(mlp.gate_proj).float(), base_weight(mlp.up_proj).float()
+    gate_p, up_p, down_p, _ = mlp_parts(mlp)
+    wg, wu = base_weight(gate_p).float(), base_weight(up_p).float()
     if metric == "uniform":
         return torch.ones(wg.shape[0], device=wg.device)
     if metric == "magnitude":
-        wd = base_weight(mlp.down_proj).float()
+        wd = base_weight(down_p).float()
         return (wg.square().sum(1) + wu.square().sum(1) + wd.square().sum(0)).sqrt()
     xs = _tokens(x, mask)
     if metric == "wanda":
@@ -339,14 +388,15 @@ def mlp_scores(mlp, x: torch.Tensor, mask: torch.Tensor | None, metric: str) -> 
 @torch.no_grad()
 def head_scores(attn, x: torch.Tensor, mask: torch.Tensor | None, metric: str) -> torch.Tensor:
     hd, groups = attn.head_dim, attn.num_key_value_groups
-    wq = base_weight(attn.q_proj).float()
+    q_p, k_p, v_p, o_p = attn_parts(attn)
+    wq = base_weight(q_p).float()
     n_heads = wq.shape[0] // hd
     if metric == "uniform":
         return torch.ones(n_heads, device=wq.device)
-    wk, wv = base_weight(attn.k_proj).float(), base_weight(attn.v_proj).float()
+    wk, wv = base_weight(k_p).float(), base_weight(v_p).float()
     group_of = torch.arange(n_heads, device=wq.device) // groups
     if metric == "magnitude":
-        wo = base_weight(attn.o_proj).float()
+        wo = base_weight(o_p).float()
         per_q = wq.square().sum(1).view(n_heads, hd).sum(1) + wo.square().sum(0).view(n_heads, hd).sum(1)
         per_kv = (wk.square().sum(1) + wv.square().sum(1)).view(-1, hd).sum(1)
         return (per_q + per_kv[group_of]).sqrt()
