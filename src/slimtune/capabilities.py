@@ -286,6 +286,23 @@ def _same_state(x: dict, y: dict, atol: float) -> bool:
     return x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=atol) for k in x)
 
 
+def _bf16_autocast(method: str) -> None:
+    """fp32 weights, bf16 autocast (train.mixed_precision: bf16, how a CUDA run computes): loss finite and
+    falling, and the trained state evaluates like it under autocast within 5%."""
+    data, lr = batch(), SETTINGS[method][1]
+    a = adapt(method, "llama")
+    trainer = trainer_for(a, STEPS, lr, data, mixed_precision="bf16")
+    trainer.model.train()
+    losses = [trainer.train_step()[0] for _ in range(STEPS)]
+    _check(all(torch.isfinite(torch.tensor(losses))), f"non-finite loss: {losses[-3:]}")
+    _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    a.model.eval()
+    with trainer.acc.autocast():
+        mixed = float(a.model(**data).loss)
+    full = float(a.model(**data).loss)
+    _check(abs(full - mixed) <= 0.05 * full, f"fp32 eval {full:.3f} vs bf16-autocast eval {mixed:.3f}")
+
+
 def _grad_checkpointing(method: str) -> None:
     """Recomputing activations gives the same trained state as keeping them."""
     data, lr = batch(), SETTINGS[method][1]
@@ -351,6 +368,7 @@ def _four_bit(method: str) -> None:
 
 
 FEATURES = {
+    "bf16_autocast": _bf16_autocast,
     "merge": _merge_export,
     "peft_format": _peft_format,
     "4bit_base": _four_bit,
@@ -397,6 +415,7 @@ FEATURE_TITLES = {
     "fp32": "fp32",
     "bf16": "bf16",
     "fp16": "fp16",
+    "bf16_autocast": "bf16 autocast",
     "merge": "merge to a plain HF model",
     "peft_format": "PEFT adapter format",
     "4bit_base": "4-bit base",
@@ -464,7 +483,8 @@ def render(matrix: dict) -> str:
     lines += [
         "",
         "Dtypes: the model stored in that dtype, trained by the real trainer (loss finite and falling 5%), and "
-        "its saved state loaded into an fp32 model gives the same eval loss within 5%. Gradient checkpointing: "
+        "its saved state loaded into an fp32 model gives the same eval loss within 5%. bf16 autocast: fp32 "
+        "weights, `train.mixed_precision: bf16` (CPU autocast here, as CUDA runs compute). Gradient checkpointing: "
         "the same trained state as without it. Exact resume: a run checkpointed after step 2 and resumed in a "
         "fresh model and trainer ends at step 4 with the uninterrupted run's state.",
         "",
