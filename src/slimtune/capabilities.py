@@ -289,16 +289,24 @@ def _same_state(x: dict, y: dict, atol: float) -> bool:
 def _bf16_autocast(method: str) -> None:
     """fp32 weights, bf16 autocast (train.mixed_precision: bf16, how a CUDA run computes): loss finite and
     falling, and the trained state evaluates like it under autocast within 5%."""
+    from accelerate.state import AcceleratorState
+
     data, lr = batch(), SETTINGS[method][1]
     a = adapt(method, "llama")
-    trainer = trainer_for(a, STEPS, lr, data, mixed_precision="bf16")
-    trainer.model.train()
-    losses = [trainer.train_step()[0] for _ in range(STEPS)]
+    AcceleratorState._reset_state(
+        reset_partial_state=True
+    )  # one precision per process state: probe in a fresh one
+    try:
+        trainer = trainer_for(a, STEPS, lr, data, mixed_precision="bf16")
+        trainer.model.train()
+        losses = [trainer.train_step()[0] for _ in range(STEPS)]
+        a.model.eval()
+        with trainer.acc.autocast():
+            mixed = float(a.model(**data).loss)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     _check(all(torch.isfinite(torch.tensor(losses))), f"non-finite loss: {losses[-3:]}")
     _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
-    a.model.eval()
-    with trainer.acc.autocast():
-        mixed = float(a.model(**data).loss)
     full = float(a.model(**data).loss)
     _check(abs(full - mixed) <= 0.05 * full, f"fp32 eval {full:.3f} vs bf16-autocast eval {mixed:.3f}")
 
