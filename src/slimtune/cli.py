@@ -80,7 +80,7 @@ def cmd_list(args) -> int:
         print(f"  {spec.name:<8} [{how}] {spec.summary}")
     print("model aliases:")
     for name, alias in ALIASES.items():
-        print(f"  {name:<14} {alias.description}")
+        print(f"  {name:<19} {alias.description}\n  {'':<19} install: {alias.install}")
     print("tasks:")
     for t in TASKS.values():
         print(f"  {t.name:<16} {t.description} [{t.metric_name}]")

