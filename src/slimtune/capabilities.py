@@ -13,6 +13,7 @@ probes; ``tests/test_capabilities.py`` fails when either is stale; ``slimtune li
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import tempfile
 from dataclasses import asdict, dataclass
@@ -286,18 +287,18 @@ def _same_state(x: dict, y: dict, atol: float) -> bool:
     return x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=atol) for k in x)
 
 
-def _bf16_autocast(method: str) -> None:
-    """fp32 weights, bf16 autocast (train.mixed_precision: bf16, how a CUDA run computes): loss finite and
-    falling, and the trained state evaluates like it under autocast within 5%."""
+def _autocast(method: str, precision: str) -> None:
+    """fp32 weights, ``precision`` autocast (train.mixed_precision, how a CUDA run computes; on CUDA fp16 also
+    gets accelerate's loss scaler): loss finite and falling, and the trained state evaluates like it under
+    autocast within 5%."""
     from accelerate.state import AcceleratorState
 
     data, lr = batch(), SETTINGS[method][1]
     a = adapt(method, "llama")
-    AcceleratorState._reset_state(
-        reset_partial_state=True
-    )  # one precision per process state: probe in a fresh one
+    # accelerate keeps one precision per process state: probe in a fresh one, and leave a fresh one behind
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        trainer = trainer_for(a, STEPS, lr, data, mixed_precision="bf16")
+        trainer = trainer_for(a, STEPS, lr, data, mixed_precision=precision)
         trainer.model.train()
         losses = [trainer.train_step()[0] for _ in range(STEPS)]
         a.model.eval()
@@ -308,7 +309,7 @@ def _bf16_autocast(method: str) -> None:
     _check(all(torch.isfinite(torch.tensor(losses))), f"non-finite loss: {losses[-3:]}")
     _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
     full = float(a.model(**data).loss)
-    _check(abs(full - mixed) <= 0.05 * full, f"fp32 eval {full:.3f} vs bf16-autocast eval {mixed:.3f}")
+    _check(abs(full - mixed) <= 0.05 * full, f"fp32 eval {full:.3f} vs {precision}-autocast eval {mixed:.3f}")
 
 
 def _grad_checkpointing(method: str) -> None:
@@ -376,7 +377,8 @@ def _four_bit(method: str) -> None:
 
 
 FEATURES = {
-    "bf16_autocast": _bf16_autocast,
+    "bf16_autocast": functools.partial(_autocast, precision="bf16"),
+    "fp16_autocast": functools.partial(_autocast, precision="fp16"),
     "merge": _merge_export,
     "peft_format": _peft_format,
     "4bit_base": _four_bit,
@@ -424,6 +426,7 @@ FEATURE_TITLES = {
     "bf16": "bf16",
     "fp16": "fp16",
     "bf16_autocast": "bf16 autocast",
+    "fp16_autocast": "fp16 autocast",
     "merge": "merge to a plain HF model",
     "peft_format": "PEFT adapter format",
     "4bit_base": "4-bit base",
@@ -491,8 +494,9 @@ def render(matrix: dict) -> str:
     lines += [
         "",
         "Dtypes: the model stored in that dtype, trained by the real trainer (loss finite and falling 5%), and "
-        "its saved state loaded into an fp32 model gives the same eval loss within 5%. bf16 autocast: fp32 "
-        "weights, `train.mixed_precision: bf16` (CPU autocast here, as CUDA runs compute). Gradient checkpointing: "
+        "its saved state loaded into an fp32 model gives the same eval loss within 5%. Autocast: fp32 "
+        "weights, `train.mixed_precision: bf16 / fp16` (CPU autocast here, as CUDA runs compute; on CUDA fp16 "
+        "adds accelerate's loss scaler, not exercised here). Gradient checkpointing: "
         "the same trained state as without it. Exact resume: a run checkpointed after step 2 and resumed in a "
         "fresh model and trainer ends at step 4 with the uninterrupted run's state.",
         "",
