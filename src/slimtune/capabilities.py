@@ -27,16 +27,15 @@ from slimtune.errors import ConfigError, UserError
 
 MATRIX_FILE = Path(__file__).with_name("capabilities.json")
 
-# tiny-model settings of each trainer method and the learning rate its "loss falls" check uses
-SETTINGS: dict[str, tuple[dict, float]] = {
-    "full": ({}, 1e-3),
-    "lora": ({"r": 4, "dropout": 0.0}, 5e-3),
-    "qlora": ({"r": 4, "dropout": 0.0, "backend": "torch"}, 5e-3),
-    "qst": ({"r": 4, "dropout": 0.0, "backend": "torch"}, 3e-2),
-    "sat": ({"rate": 0.5, "schedule": "constant"}, 1e-3),
-    "pst": ({"sparsity": 0.5}, 3e-3),
-    "meft": ({"r": 256, "k": 16, "experts": 16, "n_probe": 4}, 1e-2),
-}
+
+def _settings() -> dict[str, tuple[dict, float]]:
+    """(tiny-model settings, learning rate) of every trainer method, from its registry entry."""
+    from slimtune.methods import METHODS, TRAINER
+
+    return {n: (s.probe, s.probe_lr) for n, s in METHODS.items() if s.kind == TRAINER}
+
+
+SETTINGS = _settings()
 STEPS = 30
 
 

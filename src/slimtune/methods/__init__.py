@@ -27,7 +27,14 @@ from slimtune.methods.sat import SATConfig, apply_sat
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),
     "lora": MethodSpec(
-        "lora", LoraMethodConfig, apply_lora, "adapter", "LoRA via peft (base frozen)", needs=("peft",)
+        "lora",
+        LoraMethodConfig,
+        apply_lora,
+        "adapter",
+        "LoRA via peft (base frozen)",
+        needs=("peft",),
+        probe={"r": 4, "dropout": 0.0},
+        probe_lr=5e-3,
     ),
     "qlora": MethodSpec(
         "qlora",
@@ -36,6 +43,8 @@ METHODS: dict[str, MethodSpec] = {
         "quantized",
         "LoRA on an NF4 4-bit frozen base (bitsandbytes or pure-torch NF4)",
         needs=("peft",),
+        probe={"r": 4, "dropout": 0.0, "backend": "torch"},
+        probe_lr=5e-3,
     ),
     "qst": MethodSpec(
         "qst",
@@ -43,6 +52,8 @@ METHODS: dict[str, MethodSpec] = {
         apply_qst,
         "quantized",
         "quantized side tuning: 4-bit backbone run without autograd + a d/r-wide side network",
+        probe={"r": 4, "dropout": 0.0, "backend": "torch"},
+        probe_lr=3e-2,
     ),
     "sat": MethodSpec(
         "sat",
@@ -50,6 +61,7 @@ METHODS: dict[str, MethodSpec] = {
         apply_sat,
         "full",
         "sparsity-accelerated training: each step omits unimportant MLP channels / heads by slicing weights",
+        probe={"rate": 0.5, "schedule": "constant"},
     ),
     "pst": MethodSpec(
         "pst",
@@ -57,6 +69,8 @@ METHODS: dict[str, MethodSpec] = {
         apply_pst,
         "adapter",
         "parameter-efficient sparse training: LoRA update + learned low-rank/structured mask scores, sparse export",
+        probe={"sparsity": 0.5},
+        probe_lr=3e-3,
     ),
     "meft": MethodSpec(
         "meft",
@@ -64,6 +78,8 @@ METHODS: dict[str, MethodSpec] = {
         apply_meft,
         "adapter",
         "wide sparse parallel adapter in host memory: per token top-K neurons, only touched rows on the device",
+        probe={"r": 256, "k": 16, "experts": 16, "n_probe": 4},
+        probe_lr=1e-2,
     ),
     "pema": MethodSpec(
         "pema",

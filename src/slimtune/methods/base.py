@@ -198,6 +198,10 @@ class MethodSpec:
     """workflow: the ``train.*`` keys it reads; any other set in a config is refused (None: all, for trainers)."""
     instead: dict[str, str] = field(default_factory=dict)
     """workflow: for a refused ``train.*`` key, the key that does its job (e.g. lr -> method.lr)."""
+    probe: dict[str, Any] = field(default_factory=dict)
+    """Settings for the capability probes' tiny models (hidden 64, 2 layers), where the defaults do not fit."""
+    probe_lr: float = 1e-3
+    """Learning rate of the probes' "loss falls" checks on a repeated batch."""
 
     def missing_packages(self, cfg: MethodConfig | None = None) -> list[str]:
         """Packages of ``needs`` (and ``cfg.needs()``) that are not installed."""
