@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -90,7 +89,5 @@ def instr_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
-def batch(vocab: int = 256, b: int = 2, t: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (b, t), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+# the random-token batch of the capability probes, for the tests too
+from slimtune.capabilities import batch  # noqa: E402,F401

@@ -1,23 +1,18 @@
 """The shared contract every method passes. A new method joins by adding one row to CASES."""
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
 import torch
 from tests.conftest import batch
 
-from slimtune.config import TrainConfig
-from slimtune.data import Encoded
+from slimtune import capabilities as caps
 from slimtune.errors import ConfigError
 from slimtune.methods import METHODS, Adapted, MethodConfig, apply, make_config
 from slimtune.models import tiny_llama
 from slimtune.quant.backbone import bnb_works, quantize_decoder
 from slimtune.schema import positive
-from slimtune.trainer import Trainer
 
 BNB = bnb_works(torch.device("cpu"))
 
@@ -59,19 +54,8 @@ def reference_model(name, kwargs):
 def make_trainer(adapted, steps, lr, data, grad_accum=1):
     """The real :class:`Trainer` over exactly the rows of ``data`` (every step sees the same batch): AdamW on the
     method's param groups, constant lr, no clipping, the method's callbacks in the trainer's own order."""
-    rows = data["input_ids"].tolist()
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=len(rows) // grad_accum,
-        grad_accum=grad_accum,
-        lr=lr,
-        schedule="constant",
-        max_grad_norm=None,
-        mixed_precision="no",
-    )
-    encoded = Encoded(rows, [list(r) for r in rows])
-    pad = SimpleNamespace(pad_token_id=0)
-    return Trainer(adapted, pad, cfg, encoded, Encoded([], []), [], None, Path(tempfile.mkdtemp()))
+    rows = len(data["input_ids"])
+    return caps.trainer_for(adapted, steps, lr, data, batch_size=rows // grad_accum, grad_accum=grad_accum)
 
 
 def train_steps(adapted, steps, lr, data):
