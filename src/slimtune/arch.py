@@ -85,8 +85,12 @@ def head_mismatch(model: nn.Module) -> str | None:
     """None if :func:`head_logits` reproduces ``model``'s logits from its final hidden state (checked on a few
     tokens), else what differs. Methods that read the final hidden state and apply the frozen head themselves
     (QST, PEMA) refuse a model this fails on instead of training against the wrong logits."""
-    device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
+    from torch._subclasses.fake_tensor import is_fake
+
+    head = model.get_output_embeddings().weight
+    if is_fake(head):
+        return None  # shapes only (`slimtune plan`): a numeric check has nothing to compare
+    device, vocab = head.device, head.shape[0]
     ids = torch.arange(3, 11, device=device)[None] % vocab
     out = model(input_ids=ids, output_hidden_states=True)
     mine = head_logits(model, out.hidden_states[-1])

@@ -55,8 +55,10 @@ def select_topk(
     probe = logits.topk(n_probe, dim=1).indices  # [T, n_p]
     cand = torch.full((t, n_probe, nk), float("-inf"), dtype=x.dtype, device=x.device)
     blocks = keys.view(n, nk, -1)
-    for e in probe.unique().tolist():
+    for e in range(n):  # every expert (a batch probes nearly all of them; a fixed loop is also traceable)
         rows, slots = (probe == e).nonzero(as_tuple=True)
+        if not rows.numel():
+            continue
         cand[rows, slots] = (x[rows] @ blocks[e].t()) * logits[rows, e, None]
     act, flat = cand.view(t, -1).topk(k, dim=1)
     idx = probe.gather(1, flat // nk) * nk + flat % nk

@@ -9,7 +9,8 @@ from slimtune.arch import head_mismatch
 from slimtune.errors import ConfigError, UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.qst.config import QSTConfig
-from slimtune.methods.qst.layer import QSTModel, check_shape
+from slimtune.methods.qst.layer import QSTModel, check_shape, side_config
+from slimtune.methods.qst.prune import pruned_side_state, unsupported
 from slimtune.quant.backbone import quantize_decoder
 
 
@@ -54,6 +55,13 @@ class QSTAdapted(Adapted):
         return torch.stack(new, dim=1) if new else input_ids[:, :0]
 
 
+def _pruned(model: nn.Module, cfg: QSTConfig) -> dict[str, torch.Tensor]:
+    reason = unsupported(model)
+    if reason:
+        raise UserError(f"method.init: backbone: {reason}")
+    return pruned_side_state(model, side_config(model.config, cfg.r))
+
+
 def apply_qst(model: nn.Module, cfg: QSTConfig) -> QSTAdapted:
     problems = check_shape(model.config, cfg.r)
     if problems:
@@ -64,6 +72,7 @@ def apply_qst(model: nn.Module, cfg: QSTConfig) -> QSTAdapted:
             f"method qst: {type(model).__name__}'s logits are not lm_head(final hidden state) with a known "
             f"scaling or soft-cap ({mismatch}); QST applies the frozen head itself and cannot follow it"
         )
+    pruned = _pruned(model, cfg) if cfg.init == "backbone" else None  # before the weights are quantized
     if cfg.quantize:
         quantize_decoder(model, cfg.backend, cfg.double_quant)
     for p in model.parameters():
@@ -71,5 +80,12 @@ def apply_qst(model: nn.Module, cfg: QSTConfig) -> QSTAdapted:
     model.eval()  # the backbone never trains (no dropout in it either)
     wrapped = QSTModel(model, cfg)
     device = next(model.parameters()).device
+    if pruned is not None:
+        missing, unexpected = wrapped.qst.side.load_state_dict(pruned, strict=False)
+        params = {n for n, _ in wrapped.qst.side.named_parameters()}
+        if unexpected or params & set(missing):
+            raise UserError(
+                f"method.init: backbone: side tensors not matched: {sorted(params & set(missing))}"
+            )
     wrapped.qst.to(device)
     return QSTAdapted(wrapped, cfg)

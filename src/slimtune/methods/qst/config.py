@@ -36,6 +36,9 @@ class QSTConfig(MethodConfig):
     """Double-quantize the NF4 block scales."""
     backend: str = "auto"
     """NF4 backend: bitsandbytes | torch | auto."""
+    init: str = "random"
+    """Side layers' initial weights: random (the QST paper) | backbone (Ladder Side-Tuning's structured pruning
+    of the backbone: each side tensor is the backbone tensor's top-magnitude sub-block; see qst/prune.py)."""
     fused_loss: bool = True
     """Training loss through the frozen head chunk by chunk: no [B, T, vocab] logits (training outputs have
     ``logits=None``); eval and generation always return logits."""
@@ -45,6 +48,7 @@ class QSTConfig(MethodConfig):
         out += choice("downsample", self.downsample, DOWNSAMPLES)
         out += choice("gate_shape", self.gate_shape, ("channel", "scalar"))
         out += choice("backend", self.backend, ("auto", "bitsandbytes", "torch"))
+        out += choice("init", self.init, ("random", "backbone"))
         if not 0 <= self.dropout < 1:
             out.append(("dropout", f"{self.dropout!r} must be in [0, 1)"))
         return out
