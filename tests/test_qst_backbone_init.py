@@ -58,7 +58,7 @@ def test_side_tensors_are_the_planted_sub_blocks(family):
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     side = qst(model, init="backbone").model.qst.side
     for i, layer in enumerate(side.layers):
-        b = lambda name: ref[f"model.layers.{i}.{name}"]  # noqa: E731
+        b = lambda name, i=i: ref[f"model.layers.{i}.{name}"]  # noqa: E731
         a, m = layer.self_attn, layer.mlp
         torch.testing.assert_close(
             a.q_proj.weight, b("self_attn.q_proj.weight")[q][:, hidden], rtol=0, atol=0
