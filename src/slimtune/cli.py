@@ -142,6 +142,56 @@ def cmd_bench(args) -> int:
     return 0 if all(r.get("ok") for r in results["runs"]) else 1
 
 
+def cmd_plan(args) -> int:
+    from slimtune import plan as P
+    from slimtune.config import parse_overrides
+    from slimtune.methods import METHODS, TRAINER, require_trainer
+    from slimtune.plan.report import render
+
+    names = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    names = names or [n for n, spec in METHODS.items() if spec.kind == TRAINER]
+    for name in names:
+        require_trainer(name, "plan")
+    extra = parse_overrides(args.overrides) if args.overrides else {}
+    for name in extra:
+        if name not in names:
+            raise UserError(
+                f"plan override '{name}.…': '{name}' is not one of the planned methods ({', '.join(names)})"
+            )
+    runs = [(n, extra.get(n, {})) for n in names]
+    for n, settings in runs:
+        METHODS[n].config_cls(**settings)  # a bad setting fails here, before any trace
+    required = [m.strip() for m in (args.require or "").split(",") if m.strip()]
+    if required and not args.gpu:
+        raise UserError("--require needs a budget: --gpu SIZE or a GPU name")
+    for m in required:
+        if m not in names:
+            raise UserError(f"--require: '{m}' is not one of the planned methods ({', '.join(names)})")
+    config = P.model_config(args.model, args.shape, args.config)
+    rows = P.plan(
+        config, runs, args.batch, args.seq_len, args.dtype, args.grad_accum, args.grad_checkpointing,
+        args.gpu, fit=not args.no_fit, log=lambda m: print(m, file=sys.stderr),
+    )  # fmt: skip
+    what = args.shape or args.model or args.config
+    if args.json:
+        print(
+            json.dumps(
+                {"model": what, "dtype": args.dtype, "gpu": args.gpu, "rows": [r.to_json() for r in rows]},
+                indent=2,
+            )
+        )
+    else:
+        budget = f", budget {args.gpu}" if args.gpu else ""
+        print(
+            render(rows, f"slimtune plan: {what}, {args.dtype}, batch {args.batch} x {args.seq_len}{budget}")
+        )
+    short = [r.method for r in rows if r.method in required and not r.fits]
+    if short:
+        print(f"slimtune: {', '.join(short)} does not fit {args.gpu}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_pema(args) -> int:
     from slimtune import config as C
     from slimtune.recipes import pema as workflow
@@ -220,6 +270,28 @@ def _add_bench_command(sub) -> None:
     b.set_defaults(fn=cmd_bench)
 
 
+def _add_plan_command(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="predict each method's peak memory for a model and GPU (nothing is allocated)"
+    )
+    p.add_argument("overrides", nargs="*", help="method settings, e.g. lora.r=64 qst.r=8")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="alias, HF dir or .gguf (only its config is read)")
+    src.add_argument("--shape", help="a named architecture (e.g. llama2-7b, llama3-8b, llama3-70b)")
+    src.add_argument("--config", help="a transformers config.json of any supported architecture")
+    p.add_argument("--methods", help="comma-separated trainer methods (default: all)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (weights and compute)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--gpu", help="a budget: a size (24GiB, 80GB) or a GPU (a5000, 4090, a100-80, h100, ...)")
+    p.add_argument("--no-fit", action="store_true", help="skip the largest-batch / sequence-length search")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--require", help="exit 1 unless these methods fit the --gpu budget (comma-separated)")
+    p.set_defaults(fn=cmd_plan)
+
+
 def _add_pema_command(sub) -> None:
     pm = sub.add_parser(
         "pema", help="PEMA offsite tuning: build-memory (owner), train (data owner), generate"
@@ -243,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(sub)
     _add_run_commands(sub)
     _add_bench_command(sub)
+    _add_plan_command(sub)
     _add_pema_command(sub)
     return ap
 

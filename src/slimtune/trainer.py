@@ -59,6 +59,19 @@ class TrainResult:
     evals: dict[int, dict] = field(default_factory=dict)
 
 
+def enable_checkpointing(adapted: Adapted) -> None:
+    """Gradient checkpointing of the adapted model's backbone (a clear error where the method has none)."""
+    m = adapted.model
+    if not hasattr(m, "gradient_checkpointing_enable"):
+        raise UserError(
+            f"train.grad_checkpointing: not supported by method '{adapted.cfg.name}' "
+            f"({type(m).__name__} keeps no backbone activations to recompute)"
+        )
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(m, "enable_input_require_grads"):
+        m.enable_input_require_grads()
+
+
 class Trainer:
     """Train an :class:`Adapted` on encoded data, evaluating, logging and checkpointing into ``run_dir``."""
 
@@ -95,7 +108,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         if cfg.grad_checkpointing:
-            self._enable_checkpointing()
+            enable_checkpointing(adapted)
         adapted.model.to(self.acc.device)
         self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
         self.stream = BatchStream(
@@ -103,17 +116,6 @@ class Trainer:
         )
         self.step = 0
         self._writer = None
-
-    def _enable_checkpointing(self) -> None:
-        m = self.adapted.model
-        if not hasattr(m, "gradient_checkpointing_enable"):
-            raise UserError(
-                f"train.grad_checkpointing: not supported by method '{self.adapted.cfg.name}' "
-                f"({type(m).__name__} keeps no backbone activations to recompute)"
-            )
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(m, "enable_input_require_grads"):
-            m.enable_input_require_grads()
 
     # ------------------------------------------------------------ logging
     def _log(self, record: dict) -> None:

@@ -103,7 +103,9 @@ def _role_rows(results: dict) -> list[str]:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    lines = _run_rows(results) + _fact_lines(results) + _role_rows(results)
+    from slimtune.plan.report import agreement_lines
+
+    lines = _run_rows(results) + _fact_lines(results) + _role_rows(results) + agreement_lines(results)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -68,6 +68,16 @@ SHAPES: dict[str, dict] = {
         tie_word_embeddings=False,
         rope_theta=500000.0,
     ),
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 
 

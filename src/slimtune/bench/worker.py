@@ -194,6 +194,7 @@ def run(spec: dict) -> dict:
     from slimtune.trainer import Trainer
 
     t0 = time.perf_counter()
+    runtime = memory.runtime_rss_bytes(("peft", "transformers"))
     cfg = _run_config(spec)
     random_weights = spec.get("shape") or spec.get("model") == "tiny"
     p = api.prepare(cfg, (lambda: load_for_bench(spec)) if random_weights else None)
@@ -213,7 +214,31 @@ def run(spec: dict) -> dict:
             role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
 
         losses, times = _timed_steps(trainer, spec, snapshot)
-    return _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
+    out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
+    return {**out, "runtime_rss_bytes": runtime, "plan": _prediction(spec, adapted, cfg)}
+
+
+def _prediction(spec: dict, adapted, cfg) -> dict:
+    """What `slimtune plan` predicts for this run (traced after the measurement, on fake tensors)."""
+    from slimtune.plan.trace import trace_step
+
+    try:
+        dtype = next(adapted.model.parameters()).dtype
+        t = trace_step(
+            adapted.model.config, cfg.method, spec["batch"], spec["seq_len"], dtype,
+            grad_checkpointing=cfg.train.grad_checkpointing,
+        )  # fmt: skip
+    except Exception as err:  # the measurement stands; the planner's failure is reported beside it
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {
+        "peak_by_role": t.peak,
+        "at_grads": t.at_grads,
+        "tensor_peak_bytes": t.total,
+        "trainable_bytes": t.trainable_bytes,
+        "frozen_bytes": t.frozen_bytes,
+        "host_bytes": t.host_bytes,
+        "seconds": round(t.seconds, 1),
+    }
 
 
 def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:

@@ -1,0 +1,143 @@
+"""`slimtune plan`: the fake-tensor trace against the same tracker on real tensors, and the command's contract."""
+
+import json
+
+import pytest
+import torch
+
+from slimtune.cli import main
+from slimtune.families import family_config
+from slimtune.methods import make_config
+from slimtune.plan.gpus import GiB, parse_budget
+from slimtune.plan.trace import trace_step
+
+SMALL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+SETTINGS = {
+    "qlora": {"backend": "torch"},
+    "qst": {"r": 4, "backend": "torch"},
+    "meft": {"r": 256, "k": 8, "experts": 16, "n_probe": 2, "cap": 32},
+}
+METHODS = ["full", "lora", "qlora", "qst", "sat", "pst", "meft"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fake_trace_matches_the_real_step(method):
+    """The plan (fake tensors, values unknown) against the same step on real tensors: the persistent roles are
+    exact, and the peak is never below the real one and at most 5% above it (dynamic shapes take upper bounds)."""
+    config = family_config("llama", **SMALL)
+    cfg = make_config(method, **SETTINGS.get(method, {}))
+    fake = trace_step(config, cfg, 2, 32, torch.float32, fake=True)
+    real = trace_step(config, cfg, 2, 32, torch.float32, fake=False)
+    assert (fake.frozen_bytes, fake.trainable_bytes, fake.host_bytes) == (
+        real.frozen_bytes,
+        real.trainable_bytes,
+        real.host_bytes,
+    )
+    for role in ("parameters", "buffers", "gradients", "optimizer"):
+        assert fake.at_grads[role] == real.at_grads[role], role
+    assert real.total <= fake.total <= 1.05 * real.total, (fake.peak, real.peak)
+    assert fake.flops > 0
+
+
+def test_full_fine_tuning_roles_are_what_adamw_holds():
+    config = family_config("llama", **SMALL)
+    t = trace_step(config, make_config("full"), 2, 16, torch.float32)
+    n_bytes = sum(
+        p.numel() * 4
+        for p in __import__("transformers").AutoModelForCausalLM.from_config(config).parameters()
+    )
+    assert t.trainable_bytes == n_bytes and t.frozen_bytes == 0
+    assert t.at_grads["gradients"] == n_bytes
+    n_tensors = len(list(__import__("transformers").AutoModelForCausalLM.from_config(config).parameters()))
+    assert t.at_grads["optimizer"] == 2 * n_bytes + 4 * n_tensors  # exp_avg, exp_avg_sq, a float32 step each
+
+
+def test_bf16_halves_the_weights_and_a_7b_traces_without_memory():
+    from slimtune.bench.shapes import shape_config
+
+    t = trace_step(shape_config("llama2-7b", num_hidden_layers=2), make_config("lora"), 1, 64)
+    # two layers of LLaMA-2-7B in bf16: embeddings + head 2 x 32000 x 4096, 2 x 202,383,360 layer weights
+    assert t.frozen_bytes == 2 * (2 * 32000 * 4096 + 2 * 202_383_360 + 4096)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("24GiB", 24 * GiB),
+        ("80GB", 80 * 10**9),
+        ("a100-80", 80 * GiB),
+        ("512 MiB", 512 * 2**20),
+        ("4090", 24 * GiB),
+    ],
+)
+def test_budgets(text, expected):
+    assert parse_budget(text)[0] == expected
+
+
+def _tiny_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(family_config("llama", **SMALL).to_dict()))
+    return str(path)
+
+
+def test_cli_table_json_and_require(tmp_path, capsys):
+    cfg = _tiny_config(tmp_path)
+    assert main(["plan", "--config", cfg, "--methods", "lora,full", "--batch", "2", "--seq-len", "32",
+                 "--dtype", "fp32", "--gpu", "4GiB", "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"lora", "full"} and all(r["fits"] for r in rows.values())
+    assert rows["full"]["optimizer"] > rows["lora"]["optimizer"]
+    assert rows["lora"]["largest_batch"] > 2  # the search ran and found room
+    # a budget below the CUDA context alone: nothing fits, --require fails the job
+    code = main(["plan", "--config", cfg, "--methods", "lora", "--batch", "2", "--seq-len", "32", "--dtype",
+                 "fp32", "--gpu", "100MiB", "--require", "lora"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1 and "lora does not fit 100MiB" in captured.err
+    assert "| lora | 2 x 32 |" in captured.out and "| NO |" in captured.out
+
+
+def test_largest_batch_fits_and_twice_it_does_not(tmp_path, capsys):
+    cfg = _tiny_config(tmp_path)
+    assert main(["plan", "--config", cfg, "--methods", "full", "--batch", "2", "--seq-len", "64", "--dtype",
+                 "fp32", "--gpu", "700MiB", "--json"]) == 0  # fmt: skip
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    largest = row["largest_batch"]
+    assert largest >= 1
+    config = family_config("llama", **SMALL)
+    from slimtune.plan.report import row_from_trace
+
+    budget = parse_budget("700MiB")[0]
+    at = row_from_trace(
+        trace_step(config, make_config("full"), largest, 64, torch.float32), largest, 64, budget, None
+    )
+    twice = row_from_trace(
+        trace_step(config, make_config("full"), 2 * largest, 64, torch.float32), 2 * largest, 64, budget, None
+    )
+    assert at.fits and not twice.fits
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--shape", "llama9-1b"], "--shape 'llama9-1b' is not one of"),
+        (["--shape", "llama2-7b", "--gpu", "b200x"], "--gpu: 'b200x' is neither a size"),
+        (["--shape", "llama2-7b", "--gpu", "24"], "--gpu: '24' is neither a size"),
+        (["--shape", "llama2-7b", "--methods", "pema"], "pema is a workflow"),
+        (["--shape", "llama2-7b", "--methods", "lora", "--require", "lora"], "--require needs a budget"),
+        (["--shape", "llama2-7b", "--methods", "lora", "--dtype", "fp8"], "--dtype: 'fp8'"),
+        (["--shape", "llama2-7b", "--methods", "lora", "lora.r=-1"], "r: -1"),
+        (["--model", "/nonexistent/dir"], "--model /nonexistent/dir: not an alias"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path):
+    code = main(["plan", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("slimtune: error:") and needle in err[0], err
+
+
+def test_a_config_that_is_not_json_is_refused(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    assert main(["plan", "--config", str(bad)]) == 2
+    assert "not a readable JSON file" in capsys.readouterr().err
