@@ -53,3 +53,26 @@ def test_nf4_linear_has_no_float_weight_and_matches_dequant():
     expected = x @ q.dequantized_weight().T + lin.bias
     assert torch.allclose(q(x), expected, atol=1e-6)
     assert ((q(x) - lin(x)).norm() / lin(x).norm()) < 0.15
+
+
+def test_nf4_linear_keeps_no_dequantized_weight_for_backward():
+    """The input gradient equals the plain linear's on the dequantized weight, and autograd saves nothing of
+    the weight's size (it is dequantized again in backward, as bitsandbytes does)."""
+    from torch import nn
+
+    from slimtune.quant.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    q = NF4Linear(nn.Linear(64, 32, bias=True))
+    x = torch.randn(4, 64, requires_grad=True)
+    ref = nn.functional.linear(x, q.dequantized_weight(), q.bias)
+    out = q(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=0
+    )
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        q(x).sum()
+    assert all(n < 32 * 64 for n in saved), saved

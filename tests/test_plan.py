@@ -126,6 +126,7 @@ def test_largest_batch_fits_and_twice_it_does_not(tmp_path, capsys):
         (["--shape", "llama2-7b", "--methods", "pema"], "pema is a workflow"),
         (["--shape", "llama2-7b", "--methods", "lora", "--require", "lora"], "--require needs a budget"),
         (["--shape", "llama2-7b", "--methods", "lora", "--dtype", "fp8"], "--dtype: 'fp8'"),
+        (["--shape", "llama2-7b", "--methods", "lora", "--fit", "depth"], "--fit: 'depth'"),
         (["--shape", "llama2-7b", "--methods", "lora", "lora.r=-1"], "r: -1"),
         (["--model", "/nonexistent/dir"], "--model /nonexistent/dir: not an alias"),
     ],

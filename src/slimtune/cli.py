@@ -170,7 +170,7 @@ def cmd_plan(args) -> int:
     config = P.model_config(args.model, args.shape, args.config)
     rows = P.plan(
         config, runs, args.batch, args.seq_len, args.dtype, args.grad_accum, args.grad_checkpointing,
-        args.gpu, fit=not args.no_fit, log=lambda m: print(m, file=sys.stderr),
+        args.gpu, fit=args.fit, log=lambda m: print(m, file=sys.stderr),
     )  # fmt: skip
     what = args.shape or args.model or args.config
     if args.json:
@@ -286,7 +286,9 @@ def _add_plan_command(sub) -> None:
     p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (weights and compute)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--gpu", help="a budget: a size (24GiB, 80GB) or a GPU (a5000, 4090, a100-80, h100, ...)")
-    p.add_argument("--no-fit", action="store_true", help="skip the largest-batch / sequence-length search")
+    p.add_argument(
+        "--fit", default="batch", help="with --gpu: search the largest batch (default), seq_len, or none"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--require", help="exit 1 unless these methods fit the --gpu budget (comma-separated)")
     p.set_defaults(fn=cmd_plan)

@@ -82,7 +82,7 @@ def _largest(config, name, settings, row: PlanRow, opts, budget: int, gpu, axis:
     if varying <= 0:
         return best
     guess = size * (budget - (row.total - varying)) / varying
-    for _ in range(6):
+    for _ in range(3):
         guess = int(guess) - (int(guess) % 64 if axis == "seq_len" and guess >= 128 else 0)
         if guess < 1 or any(guess == x for x, _ in points):
             break
@@ -109,11 +109,13 @@ def plan(
     grad_accum: int = 1,
     grad_checkpointing: bool = False,
     gpu: str | None = None,
-    fit: bool = True,
+    fit: str = "batch",
     log=lambda msg: None,
 ) -> list[PlanRow]:
-    """One :class:`PlanRow` per (method, settings); with ``gpu``, whether it fits and the largest batch and
-    sequence length that do."""
+    """One :class:`PlanRow` per (method, settings); with ``gpu``, whether it fits and (``fit`` 'batch' or
+    'seq_len') the largest batch or sequence length that does."""
+    if fit not in ("batch", "seq_len", "none"):
+        raise UserError(f"--fit: '{fit}' is not one of batch, seq_len, none")
     if dtype not in DTYPES:
         raise UserError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     if batch < 1 or seq_len < 1 or grad_accum < 1:
@@ -124,8 +126,9 @@ def plan(
     for name, settings in runs:
         log(f"plan: tracing {name} at {batch} x {seq_len} ...")
         row = _row(config, name, settings, batch, seq_len, opts, budget, named)
-        if budget is not None and fit:
+        if budget is not None and fit == "batch":
             row.largest_batch = _largest(config, name, settings, row, opts, budget, named, "batch")
+        elif budget is not None and fit == "seq_len":
             row.largest_seq_len = _largest(config, name, settings, row, opts, budget, named, "seq_len")
         rows.append(row)
     return rows

@@ -126,6 +126,21 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype = t
     return (vals * scales).to(dtype).view(state.shape)
 
 
+class _DequantLinear(torch.autograd.Function):
+    """y = x Wᵀ with W = dequant(codes), dequantized again in backward (dL/dx = dL/dy · W) instead of saved:
+    autograd would otherwise keep every layer's full-precision weight from forward to backward, as many bytes as
+    the unquantized model (bitsandbytes' kernels re-dequantize the same way). W is frozen: no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
+        ctx.layer = layer
+        return nn.functional.linear(x, layer.dequantized_weight())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.layer.dequantized_weight(), None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer stored as NF4 codes (buffers, never Parameters): ``y = x @ dequant(W)^T + b``.
 
@@ -165,7 +180,9 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.qweight, self.state(), self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x.to(self.compute_dtype), self.dequantized_weight(), self.bias)
+        out = _DequantLinear.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
