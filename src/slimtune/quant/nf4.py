@@ -132,7 +132,7 @@ class _DequantLinear(torch.autograd.Function):
     the unquantized model (bitsandbytes' kernels re-dequantize the same way). W is frozen: no weight gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
         return nn.functional.linear(x, layer.dequantized_weight())
 
