@@ -144,23 +144,10 @@ def cmd_bench(args) -> int:
 
 def cmd_plan(args) -> int:
     from slimtune import plan as P
-    from slimtune.config import parse_overrides
-    from slimtune.methods import METHODS, TRAINER, require_trainer
     from slimtune.plan.report import render
 
-    names = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
-    names = names or [n for n, spec in METHODS.items() if spec.kind == TRAINER]
-    for name in names:
-        require_trainer(name, "plan")
-    extra = parse_overrides(args.overrides) if args.overrides else {}
-    for name in extra:
-        if name not in names:
-            raise UserError(
-                f"plan override '{name}.…': '{name}' is not one of the planned methods ({', '.join(names)})"
-            )
-    runs = [(n, extra.get(n, {})) for n in names]
-    for n, settings in runs:
-        METHODS[n].config_cls(**settings)  # a bad setting fails here, before any trace
+    runs = P.method_runs(args.methods, args.overrides)
+    names = [n for n, _ in runs]
     required = [m.strip() for m in (args.require or "").split(",") if m.strip()]
     if required and not args.gpu:
         raise UserError("--require needs a budget: --gpu SIZE or a GPU name")

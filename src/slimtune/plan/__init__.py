@@ -64,6 +64,28 @@ def _config_of_model(model: str):
     )
 
 
+def method_runs(methods: str | None, overrides: list[str] | None) -> list[tuple[str, dict]]:
+    """(name, settings) per method to plan: ``methods`` comma-separated (default: every trainer method),
+    ``overrides`` as `bench` takes them (``lora.r=64``); all validated before any trace."""
+    from slimtune.config import parse_overrides
+    from slimtune.methods import METHODS, TRAINER, require_trainer
+
+    names = [m.strip() for m in (methods or "").split(",") if m.strip()]
+    names = names or [n for n, spec in METHODS.items() if spec.kind == TRAINER]
+    for name in names:
+        require_trainer(name, "plan")
+    extra = parse_overrides(overrides) if overrides else {}
+    for name in extra:
+        if name not in names:
+            raise UserError(
+                f"plan override '{name}.…': '{name}' is not one of the planned methods ({', '.join(names)})"
+            )
+    runs = [(n, extra.get(n, {})) for n in names]
+    for n, settings in runs:
+        METHODS[n].config_cls(**settings)  # a bad setting fails here, before any trace
+    return runs
+
+
 def _row(config, name: str, settings: dict, batch: int, seq: int, opts: dict, budget, gpu) -> PlanRow:
     from slimtune.methods import make_config
 
@@ -134,4 +156,4 @@ def plan(
     return rows
 
 
-__all__ = ["GPU", "PlanRow", "model_config", "plan"]
+__all__ = ["GPU", "PlanRow", "method_runs", "model_config", "plan"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from slimtune.plan.gpus import ALLOCATOR_SHARE, CUDA_CONTEXT, GPU
 from slimtune.plan.trace import Trace
@@ -41,7 +41,6 @@ class PlanRow:
     budget: int | None = None
     largest_batch: int | None = None
     largest_seq_len: int | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool | None:
@@ -91,7 +90,6 @@ def row_from_trace(trace: Trace, batch: int, seq_len: int, budget: int | None, g
         step_seconds=roofline_seconds(trace, gpu),
         flops=trace.flops,
         budget=budget,
-        notes=list(trace.notes),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -142,7 +142,6 @@ class Trace:
     host_bytes: int
     flops: int
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
