@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.losses import IGNORE, frozen_head_cross_entropy
+from slimtune.losses import IGNORE, frozen_head_cross_entropy, linear_cross_entropy
 from slimtune.methods import make_config
 from slimtune.methods.pst.layer import PSTLinear
 from slimtune.methods.sat.layer import mlp_forward
@@ -129,3 +129,26 @@ def test_frozen_head_cross_entropy(dtype):
     assert loss.dtype == torch.float32  # accumulated in fp32 at least, whatever the input dtype
     assert rel_err(loss, want) < TOL[dtype]
     assert_close(h_lo.grad, h_64.grad, dtype, "dh")
+
+
+@DTYPES
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_trainable_head_cross_entropy(dtype, with_bias):
+    """The trainer's logit-free loss through a trainable head: loss, dh, dW and db against fp64."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 9, 32, generator=g).to(dtype)
+    w = (torch.randn(300, 32, generator=g) / 4).to(dtype)
+    b = (torch.randn(300, generator=g) / 4).to(dtype) if with_bias else None
+    labels = torch.randint(0, 300, (3, 9), generator=g)
+    labels[0, :3] = IGNORE
+    lo = [t.clone().requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
+    hi = [t.double().requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
+    loss = linear_cross_entropy(lo[0], lo[1], labels, lo[2] if with_bias else None, chunk=4)
+    logits = F.linear(hi[0], hi[1], hi[2] if with_bias else None)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    loss.backward()
+    want.backward()
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, want) < TOL[dtype]
+    for name, a, r in zip(("dh", "dW", "db"), lo, hi):
+        assert_close(a.grad, r.grad, dtype, name)

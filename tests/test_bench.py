@@ -140,3 +140,51 @@ def test_shapes_match_published_parameter_counts():
     assert sum(p.numel() for p in build_shape("llama2-7b", device="meta").parameters()) == 6_738_415_616
     assert sum(p.numel() for p in build_shape("smollm2-135m", device="meta").parameters()) == 134_515_008
     assert "llama3-8b" in SHAPES
+
+
+@pytest.mark.slow
+def test_bench_peers_compute_and_loss_term(tmp_path):
+    """`--peers hf` adds one transformers.Trainer + peft run per covered method, compared in the same run; every
+    slimtune run carries its FLOPs per step, the measured matmul rate and both sizes of the loss term."""
+    plan = BenchPlan(
+        model="tiny",
+        batch=2,
+        seq_len=16,
+        steps=2,
+        warmup=1,
+        peers=["hf"],
+        runs=[
+            {"method": "lora", "settings": {"r": 4}},
+            {"method": "lora", "settings": {"r": 4, "memory": "low"}},
+        ],
+    )
+    res = bench(plan, tmp_path / "out", echo=lambda *_: None)
+    assert [r["label"] for r in res["runs"]] == ["lora[r=4]", "lora[memory=low,r=4]", "hf:lora"]
+    assert all(r["ok"] for r in res["runs"]), [r["error"] for r in res["runs"]]
+    mine, low, peer = res["runs"]
+    assert peer["trainable_params"] == mine["trainable_params"]  # the same LoRA, built by peft directly
+    assert len(peer["step_times_s"]) == 2 and peer["peak_bytes"] > 0
+    assert set(res["peers"]) == {"lora[r=4]", "lora[memory=low,r=4]"}
+    p = res["peers"]["lora[r=4]"]
+    assert p["peer"] == "hf:lora" and p["memory"] == pytest.approx(peer["peak_bytes"] / mine["peak_bytes"])
+    for r in (mine, low):
+        c = r["compute"]
+        assert c["flops_per_step"] > 0 and c["matmul_flops_per_s"] > 1e8
+        assert c["flop_share"] == pytest.approx(c["flop_limit_step_s"] / r["step_time_median_s"])
+        assert r["loss_path"] == "chunked"
+        assert r["loss_term_bytes"]["logits"] > r["loss_term_bytes"]["chunked"] > 0  # sizes: test_losses
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| lora[r=4] | hf:lora |" in md and "share of the limit" in md
+
+
+def test_bench_peer_and_train_settings_are_checked():
+    with pytest.raises(UserError, match="unknown peer 'torchtune'"):
+        plan_from_args("lora", None, [], peers="torchtune")
+    with pytest.raises(UserError, match="none of the methods has a peer"):
+        plan_from_args("qst", None, [], peers="hf")
+    with pytest.raises(UserError, match="warmup: 0 must be at least 1"):
+        plan_from_args("lora", None, [], warmup=0)
+    with pytest.raises(ConfigError, match="memory: 'tiny' is not one of"):
+        plan_from_args("lora", None, ["lora.memory=tiny"])
+    plan = plan_from_args("full,lora,qst", None, ["lora.memory=low"], peers="hf")
+    assert plan.peers == ["hf"] and plan.runs[1]["settings"] == {"memory": "low"}

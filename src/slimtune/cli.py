@@ -135,6 +135,7 @@ def cmd_bench(args) -> int:
         warmup=args.warmup,
         threads=args.threads,
         timeout_s=args.timeout,
+        peers=args.peers,
     )
     results = bench(plan, args.out)
     print((Path(args.out) / "results.md").read_text())
@@ -253,6 +254,11 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--warmup", type=int)
     b.add_argument("--threads", type=int)
     b.add_argument("--timeout", type=int, help="seconds per run (default 1800)")
+    b.add_argument(
+        "--peers",
+        help="also measure what users run instead, on the same rows: 'hf' = transformers.Trainer (+ peft) "
+        "for each full / lora / qlora run",
+    )
     b.add_argument("--out", required=True, help="new directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)
 

@@ -90,6 +90,12 @@ class TrainConfig(Checked):
     """Clip gradients to this global norm (None: no clipping)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    chunked_loss: bool = True
+    """Take the training loss through the LM head chunk by chunk, without the [tokens, vocab] logits (exact; used
+    where the method and model allow it, see docs/memory.md); evaluation and generation still form logits."""
+    memory: str = "standard"
+    """standard | low: gradient checkpointing wherever the method keeps backbone activations, with the chunked
+    loss; the lowest peak at a measured speed cost (docs/memory.md)."""
     mixed_precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), no, bf16, fp16."""
     eval_every: int = 0
@@ -132,6 +138,7 @@ class TrainConfig(Checked):
                 )
             )
         out += choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        out += choice("memory", self.memory, ("standard", "low"))
         return out
 
 

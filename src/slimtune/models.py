@@ -210,6 +210,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def model_path(name_or_path: str) -> Path:
+    """Where a model lives on disk: an alias's cached safetensors directory (built on first use), or the given
+    directory / ``.gguf`` file."""
+    if name_or_path in ALIASES:
+        return _cached_alias(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"model.name '{name_or_path}': no such file or directory and not an alias "
+            f"(aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return path
+
+
 def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
     """Load ``(model, tokenizer)`` from an alias, an HF model directory or a ``.gguf`` file, offline, with the
     model's weights on ``device`` (default: :func:`default_device`) in ``dtype`` (``auto``: per device)."""
@@ -217,15 +231,7 @@ def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | Non
 
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    if name_or_path in ALIASES:
-        path = _cached_alias(name_or_path)
-    else:
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise UserError(
-                f"model.name '{name_or_path}': no such file or directory and not an alias "
-                f"(aliases: {', '.join(sorted(ALIASES))})"
-            )
+    path = model_path(name_or_path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(

@@ -20,6 +20,7 @@ from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
+from slimtune.losses import LogitFreeLoss
 from slimtune.methods.base import Adapted
 from slimtune.tasks import Task
 
@@ -72,6 +73,23 @@ def enable_checkpointing(adapted: Adapted) -> None:
         m.enable_input_require_grads()
 
 
+def loss_function(adapted: Adapted, model: torch.nn.Module, chunked: bool) -> Callable[[dict], torch.Tensor]:
+    """The training loss of one micro-batch: the logit-free loss through the method's :meth:`~Adapted.loss_head`
+    when ``chunked`` and the head passes a numeric check on a few tokens, else the model's own ``.loss``.
+    ``model`` is what the forward runs through (the accelerate-prepared model); the planner calls it too."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    head = adapted.loss_head() if chunked else None
+    if head is not None:
+        fn = LogitFreeLoss(model, head)
+        ids = (torch.arange(3, 11, device=head.weight.device) % head.weight.shape[0])[None]
+        why = None if is_fake(head.weight) else fn.mismatch(ids)
+        if why is None:
+            return fn
+        log.warning("train.chunked_loss: the model's logits are not its head's output (%s); using them", why)
+    return lambda batch: model(**batch).loss
+
+
 class Trainer:
     """Train an :class:`Adapted` on encoded data, evaluating, logging and checkpointing into ``run_dir``."""
 
@@ -109,8 +127,14 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg)
         if cfg.grad_checkpointing:
             enable_checkpointing(adapted)
+        elif cfg.memory == "low":
+            try:
+                enable_checkpointing(adapted)
+            except UserError as err:  # low memory still takes the chunked loss
+                log.info("train.memory: low: no gradient checkpointing (%s)", err)
         adapted.model.to(self.acc.device)
         self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
+        self.loss = loss_function(adapted, self.model, cfg.chunked_loss or cfg.memory == "low")
         self.stream = BatchStream(
             train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
         )
@@ -153,10 +177,9 @@ class Trainer:
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         sync = nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
         with sync, self.acc.autocast():
-            out = self.model(**batch)
-            loss = out.loss / self.cfg.grad_accum
-            self.acc.backward(loss)
-        return out.loss.item(), int(batch["attention_mask"].sum())
+            loss = self.loss(batch)
+            self.acc.backward(loss / self.cfg.grad_accum)
+        return loss.item(), int(batch["attention_mask"].sum())
 
     def train_step(self, with_grads: Callable[[], None] | None = None) -> tuple[float, int, float | None]:
         """One optimizer step over ``grad_accum`` micro-batches, calling the method's callbacks in the order

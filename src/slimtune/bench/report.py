@@ -78,6 +78,46 @@ def _fact_lines(results: dict) -> list[str]:
     return lines
 
 
+def _peer_rows(results: dict) -> list[str]:
+    """slimtune against the tools users run instead, measured in the same invocation."""
+    peers = results.get("peers") or {}
+    if not peers:
+        return []
+    lines = [
+        "",
+        "Against the peers (same rows, batch, threads; memory = peer peak / slimtune peak, speed = slimtune "
+        "tokens/s / peer tokens/s; above 1× slimtune is ahead):",
+        "",
+        "| slimtune run | peer | memory | speed |",
+        "|---|---|---|---|",
+    ]
+    for method, p in peers.items():
+        lines.append(f"| {method} | {p['peer']} | {_x(p['memory'])} | {_x(p['speed'])} |")
+    return lines
+
+
+def _compute_rows(results: dict) -> list[str]:
+    """Each run's FLOPs per step (PyTorch's FlopCounterMode) against the machine's measured matmul rate."""
+    runs = [r for r in results["runs"] if r.get("ok") and r.get("compute")]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "Distance from the compute limit (FLOPs per step from `FlopCounterMode`; limit = FLOPs / the fp32 matmul "
+        "rate measured in the same process; share = limit / measured step):",
+        "",
+        "| run | GFLOP / step | matmul rate GFLOP/s | limit s | step s | share of the limit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        c = r["compute"]
+        lines.append(
+            f"| {r['label']} | {c['flops_per_step'] / 1e9:.0f} | {c['matmul_flops_per_s'] / 1e9:.0f} | "
+            f"{c['flop_limit_step_s']:.2f} | {r['step_time_median_s']:.2f} | {c['flop_share']:.0%} |"
+        )
+    return lines
+
+
 def _role_rows(results: dict) -> list[str]:
     """Memory by role per run (the library's accounting at the last step)."""
     roles = sorted({k for r in results["runs"] if r.get("ok") for k in r.get("memory_by_role", {})})
@@ -88,24 +128,34 @@ def _role_rows(results: dict) -> list[str]:
         "Memory by role (GB, from the library's accounting at the last step; the rest of the peak is "
         "activations, workspace and the runtime):",
         "",
-        "| run | " + " | ".join(roles) + " | sum | peak |",
-        "|---|" + "---|" * (len(roles) + 2),
+        "| run | " + " | ".join(roles) + " | sum | peak | loss path | loss term (logits / chunked) |",
+        "|---|" + "---|" * (len(roles) + 4),
     ]
     for r in results["runs"]:
-        if r.get("ok") and not r.get("probe"):
+        if r.get("ok") and r.get("memory_by_role"):
             vals = [r["memory_by_role"].get(k, 0) for k in roles]
+            term = r.get("loss_term_bytes")
+            term_s = f"{_gb(term['logits'])} / {_gb(term['chunked'])}" if term else "in the method's forward"
             lines.append(
                 f"| {r['label']} | "
                 + " | ".join(_gb(v) for v in vals)
-                + f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} |"
+                + f" | {_gb(sum(vals))} | {_gb(r['peak_bytes'])} | {r.get('loss_path', '—')} | {term_s} |"
             )
+    lines += [
+        "",
+        "Loss term: bytes the training loss holds at its peak beyond the final hidden state, measured on one batch "
+        "with MemTracker both ways (the model's [tokens, vocab] logits, their fp32 log-softmax and gradient / "
+        "one chunk of the logit-free loss); 'loss path' is the one the run trained with.",
+    ]
     return lines
 
 
 def write_markdown(results: dict, path: Path) -> None:
     from slimtune.plan.report import agreement_lines
 
-    lines = _run_rows(results) + _fact_lines(results) + _role_rows(results) + agreement_lines(results)
+    lines = _run_rows(results) + _peer_rows(results) + _compute_rows(results) + _fact_lines(results)
+    lines += _role_rows(results)
+    lines += agreement_lines(results)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from slimtune.config import parse_overrides
+from slimtune.bench.worker import RUN_KEYS, TRAIN_KEYS
+from slimtune.config import TrainConfig, parse_overrides
 from slimtune.errors import UserError
 
 DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
@@ -39,10 +40,15 @@ class BenchPlan:
     threads: int | None = None
     dtype: str = "auto"
     timeout_s: int = 1800
+    peers: list[str] = field(default_factory=list)  # e.g. ["hf"]: slimtune.bench.peers
     runs: list[dict] = field(default_factory=list)  # [{"method": ..., "settings": {...}}]
 
 
 def label(run: dict) -> str:
+    if run.get("peer"):
+        from slimtune.bench.peers import peer_label
+
+        return peer_label(run["peer"], run["method"])
     settings = {k: v for k, v in run.get("settings", {}).items() if k != "baseline"}
     if not settings:
         return run["method"]
@@ -69,10 +75,15 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
             setattr(plan, k, v)
     if plan.shape:
         plan.model = None
+    if plan.warmup < 1:
+        raise UserError(
+            f"bench warmup: {plan.warmup} must be at least 1 (the first step counts FLOPs, untimed)"
+        )
     if methods:
         plan.runs = [{"method": m.strip(), "settings": {}} for m in methods.split(",") if m.strip()]
     if not plan.runs:
         raise UserError("bench: name the methods (--methods full,lora,qlora) or give a YAML with runs:")
+    _check_peers(plan)
     extra = parse_overrides(overrides) if overrides else {}
     for name in extra:
         if name not in METHODS:
@@ -83,9 +94,26 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
             continue
         require_trainer(r["method"], "bench")
         r["settings"] = {**r.get("settings", {}), **extra.get(r["method"], {})}
-        check = {k: v for k, v in r["settings"].items() if k not in ("baseline", "lr")}
+        check = {k: v for k, v in r["settings"].items() if k not in RUN_KEYS}
         METHODS[r["method"]].config_cls(**check)  # a bad setting fails here, before anything runs
+        TrainConfig(**{k: v for k, v in r["settings"].items() if k in TRAIN_KEYS})
     return plan
+
+
+def _check_peers(plan: BenchPlan) -> None:
+    """Validate ``plan.peers``; the peer runs are added after slimtune's in :func:`bench`."""
+    from slimtune.bench.peers import PEERS
+
+    if isinstance(plan.peers, str):
+        plan.peers = [p for p in plan.peers.split(",") if p]
+    bad = [p for p in plan.peers if p not in PEERS]
+    if bad:
+        raise UserError(f"bench --peers: unknown peer '{bad[0]}' (known: {', '.join(PEERS)})")
+    if plan.peers and not any(r["method"] in PEERS[p] for p in plan.peers for r in plan.runs):
+        raise UserError(
+            f"bench --peers {','.join(plan.peers)}: none of the methods has a peer "
+            f"(the peers cover {', '.join(sorted({m for p in plan.peers for m in PEERS[p]}))})"
+        )
 
 
 def _meta(plan: BenchPlan) -> dict:
@@ -137,11 +165,17 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
         "seed": plan.seed,
         "threads": plan.threads,
         "dtype": plan.dtype,
+        "peer": run.get("peer"),
     }
     name = label(run).replace("/", "_")
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
-    base = {"method": run["method"], "label": label(run), "settings": run["settings"]}
+    base = {
+        "method": run["method"],
+        "label": label(run),
+        "settings": run["settings"],
+        "peer": run.get("peer"),
+    }
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "slimtune.bench.worker", str(spec_path), str(out_path)],
@@ -164,7 +198,7 @@ def ratios(runs: list[dict]) -> dict:
     by_label = {r["label"]: r for r in runs}
     out = {}
     for r in runs:
-        if r["method"] in PROBES:
+        if r["method"] in PROBES or r.get("peer"):
             continue
         baseline = r["settings"].get("baseline") or DEFAULT_BASELINE[METHODS[r["method"]].family]
         b = by_label.get(baseline)
@@ -192,6 +226,7 @@ def ceilings(runs: list[dict]) -> dict:
 
 
 def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
+    from slimtune.bench.peers import peer_ratios, peer_runs
     from slimtune.bench.report import write_markdown, write_png
 
     out = Path(out_dir)
@@ -200,7 +235,7 @@ def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in plan.runs:
+        for run in plan.runs + peer_runs(plan.runs, plan.peers):
             echo(f"bench: {label(run)} ...")
             res = run_one(plan, run, Path(tmp))
             runs.append(res)
@@ -211,7 +246,13 @@ def bench(plan: BenchPlan, out_dir: str | Path, echo=print) -> dict:
                 )
             else:
                 echo(f"bench: {label(run)}: FAILED ({res['error']})")
-    results = {"meta": _meta(plan), "runs": runs, "ratios": ratios(runs), "ceilings": ceilings(runs)}
+    results = {
+        "meta": _meta(plan),
+        "runs": runs,
+        "ratios": ratios(runs),
+        "peers": peer_ratios(runs),
+        "ceilings": ceilings(runs),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, out / "results.md")
     write_png(results, out / "results.png")

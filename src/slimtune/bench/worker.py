@@ -130,20 +130,29 @@ def run_nf4_forward(spec: dict) -> dict:
     }
 
 
+TRAIN_KEYS = ("memory", "chunked_loss", "grad_checkpointing")
+"""Training settings a bench run may set (``lora[memory=low]``), beside the method's own."""
+RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
+"""Keys of a bench run's ``settings`` that are not the method's."""
+
+
 def _run_config(spec: dict):
     """The :class:`~slimtune.config.RunConfig` of a measurement: what `slimtune train` would run, held at the
     schedules' first rung, with a constant learning rate and no clipping changes."""
     from slimtune import config as C
     from slimtune.methods import make_config
 
-    settings = {k: v for k, v in spec.get("settings", {}).items() if k not in ("baseline", "lr")}
+    given = spec.get("settings", {})
+    settings = {k: v for k, v in given.items() if k not in RUN_KEYS}
     steps = spec["steps"] + spec["warmup"]
     train = C.TrainConfig(
         steps=steps,
         batch_size=spec["batch"],
-        lr=spec.get("settings", {}).get("lr", 1e-4),
+        lr=given.get("lr", 1e-4),
         schedule="constant",
-        grad_checkpointing=bool(spec.get("grad_checkpointing", False)),
+        grad_checkpointing=bool(given.get("grad_checkpointing", spec.get("grad_checkpointing", False))),
+        chunked_loss=bool(given.get("chunked_loss", True)),
+        memory=given.get("memory", "standard"),
         seed=spec.get("seed", 0),
         threads=spec.get("threads"),
     )
@@ -158,13 +167,37 @@ def _bench_rows(spec: dict, tok, vocab: int) -> list[list[int]]:
     return _random_rows(vocab, n_rows, spec["seq_len"], spec.get("seed", 0))
 
 
+def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate at the current thread count: the best of ``repeats`` n×n×n products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
 def _timed_steps(trainer, spec: dict, on_last_grads) -> tuple[list[float], list[float]]:
-    """Run warmup + steps trainer steps; the peaks are reset after warmup; returns (losses, timed seconds)."""
+    """Run warmup + steps trainer steps; the peaks are reset after warmup; returns (losses, timed seconds).
+    The first warm-up step runs under ``FlopCounterMode`` (``trainer.flops_per_step``); a bench has at least one
+    warm-up step."""
     cuda = trainer.acc.device.type == "cuda"
     total, warmup = spec["steps"] + spec["warmup"], spec["warmup"]
     trainer.model.train()
     losses, times = [], []
     for i in range(total):
+        if i == 0:  # the first warm-up step (untimed) counts the step's FLOPs
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                losses.append(trainer.train_step()[0])
+            trainer.flops_per_step = counter.get_total_flops()
+            continue
         if i == warmup:
             reset_host_peak()
             if cuda:
@@ -214,8 +247,61 @@ def run(spec: dict) -> dict:
             role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
 
         losses, times = _timed_steps(trainer, spec, snapshot)
+        first = {k: torch.tensor(v[: spec["batch"]], device=trainer.acc.device) for k, v in
+                 (("input_ids", rows), ("labels", rows))}  # fmt: skip
+        first["attention_mask"] = torch.ones_like(first["input_ids"])
+        loss_bytes = loss_term_bytes(adapted, trainer.model, first)
     out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
+    rate = matmul_flops_per_s(trainer.acc.device)
+    compute = {
+        "flops_per_step": trainer.flops_per_step,
+        "matmul_flops_per_s": rate,
+        "flop_limit_step_s": trainer.flops_per_step / rate,
+        "flop_share": trainer.flops_per_step / rate / out["step_time_median_s"],
+    }
+    from slimtune.losses import LogitFreeLoss
+
+    loss_path = "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model"
+    out = {**out, "compute": compute, "loss_path": loss_path, "loss_term_bytes": loss_bytes}
     return {**out, "runtime_rss_bytes": runtime, "plan": _prediction(spec, adapted, cfg)}
+
+
+def loss_term_bytes(adapted, model, batch: dict) -> dict[str, int] | None:
+    """Bytes the training loss holds at its peak beyond its input (the final hidden state), both ways, on one
+    batch: ``logits`` = the model's own path (the [tokens, vocab] logits, their fp32 log-softmax and gradient),
+    ``chunked`` = the logit-free loss (one chunk). Measured with PyTorch's ``MemTracker`` over the loss's forward
+    and its backward to the hidden state; the head is held frozen (a trained head's weight gradient is the same
+    tensor either way and is counted under gradients). None where the method forms its loss itself (QST)."""
+    import torch.nn.functional as F
+
+    from slimtune.losses import IGNORE, LogitFreeLoss, linear_cross_entropy
+    from slimtune.plan.trace import PlanTracker
+
+    head = adapted.loss_head()
+    if head is None:
+        return None
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), LogitFreeLoss(model, head).hidden_out():
+        hidden = model(**inputs).logits
+    labels, weight = batch["labels"], head.weight.detach()
+
+    def logits_loss(h):
+        z = F.linear(h.to(weight.dtype), weight, head.bias)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        return F.cross_entropy(z.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE)
+
+    def chunked_loss(h):
+        return linear_cross_entropy(h, weight, labels, head.bias)
+
+    out = {}
+    for name, fn in (("logits", logits_loss), ("chunked", chunked_loss)):
+        h = hidden.detach().requires_grad_()
+        tracker = PlanTracker()
+        tracker.track_external(weight, h, labels)  # inputs: filed as "other", outside the roles summed
+        with tracker:
+            torch.autograd.grad(fn(h), h)
+        out[name] = sum(tracker.by_role("peak").values())
+    return out
 
 
 def _prediction(spec: dict, adapted, cfg) -> dict:
@@ -226,7 +312,8 @@ def _prediction(spec: dict, adapted, cfg) -> dict:
         dtype = next(adapted.model.parameters()).dtype
         t = trace_step(
             adapted.model.config, cfg.method, spec["batch"], spec["seq_len"], dtype,
-            grad_checkpointing=cfg.train.grad_checkpointing,
+            grad_checkpointing=cfg.train.grad_checkpointing or cfg.train.memory == "low",
+            chunked_loss=cfg.train.chunked_loss or cfg.train.memory == "low",
         )  # fmt: skip
     except Exception as err:  # the measurement stands; the planner's failure is reported beside it
         return {"error": f"{type(err).__name__}: {err}"}
@@ -285,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        fn = run_nf4_forward if spec["method"] == "nf4-forward" else run
+        if spec.get("peer"):
+            from slimtune.bench.peers import run_hf as fn
+        else:
+            fn = run_nf4_forward if spec["method"] == "nf4-forward" else run
         result = {"ok": True, "error": None, **fn(spec)}
     except Exception as err:  # recorded, so the other runs still go on
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}

@@ -140,6 +140,22 @@ class Adapted:
         """A plain HF model with the method folded in (where the method allows it)."""
         raise NotImplementedError(f"method '{self.cfg.name}' cannot be merged into a plain model")
 
+    def loss_head(self) -> nn.Linear | None:
+        """The output layer the trainer may apply itself with the logit-free loss
+        (:class:`~slimtune.losses.LogitFreeLoss`), or None where the model's own forward must produce the loss: a
+        head that is not a plain ``nn.Linear`` (an adapted or quantized head), logit soft-capping (Gemma 2/3: not
+        linear in the hidden state), or a method that reads the logits or forms its loss itself (overrides)."""
+        from slimtune.arch import logit_postprocessing
+
+        get = getattr(self.model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if type(head) is not nn.Linear:
+            return None
+        config = getattr(self.model, "config", None)
+        if config is not None and logit_postprocessing(config)[1] is not None:
+            return None
+        return head
+
     def bench_facts(self, seq_len: int) -> dict:
         """Method-specific figures a benchmark reports next to its measurements (e.g. a FLOP-share limit)."""
         return {}

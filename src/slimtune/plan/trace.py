@@ -148,12 +148,11 @@ class Trace:
         return sum(self.peak.values())
 
 
-def _step(adapted, optimizer, batch: dict, grad_accum: int, step: int, with_grads=lambda: None) -> None:
+def _step(adapted, optimizer, loss, batch: dict, grad_accum: int, step: int, with_grads=lambda: None) -> None:
     """The Trainer's step (``Trainer.train_step``) without its logging, clipping reads and data stream."""
     adapted.on_step_start(step)
     for _ in range(grad_accum):
-        out = adapted.model(**batch)
-        (out.loss / grad_accum).backward()
+        (loss(batch) / grad_accum).backward()
     adapted.after_backward(step)
     with_grads()
     optimizer.step()
@@ -171,6 +170,7 @@ def trace_step(
     grad_accum: int = 1,
     grad_checkpointing: bool = False,
     fake: bool = True,
+    chunked_loss: bool = True,
 ) -> Trace:
     """Build ``config``'s model in ``dtype``, apply ``method_cfg`` and trace two steps: on fake tensors (the
     plan), or with ``fake=False`` on real ones (the same tracker and step, to check the plan on small models)."""
@@ -187,16 +187,18 @@ def trace_step(
         if fake:
             for mode in (FakeTensorMode(allow_non_fake_inputs=True), UnknownValues(), fake_moves()):
                 stack.enter_context(mode)
-        trace = _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing)
+        trace = _trace(
+            config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss
+        )
     trace.seconds = time.perf_counter() - t0
     return trace
 
 
-def _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing) -> Trace:
+def _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss) -> Trace:
     from transformers import AutoModelForCausalLM
 
     from slimtune.methods import apply
-    from slimtune.trainer import enable_checkpointing
+    from slimtune.trainer import enable_checkpointing, loss_function
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -209,15 +211,22 @@ def _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpoin
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     adapted.total_steps = None  # schedules hold their first rung, as in `slimtune bench`
     adapted.model.train()
+    loss = loss_function(adapted, adapted.model, chunked_loss)
     tracker = PlanTracker()
     tracker.track_external(adapted.model, optimizer)
     at_grads: dict[str, int] = {}
     with tracker:
-        _step(adapted, optimizer, data, grad_accum, 0)
+        _step(adapted, optimizer, loss, data, grad_accum, 0)
         tracker.reset_mod_stats()
         with FlopCounterMode(display=False) as flops:
             _step(
-                adapted, optimizer, data, grad_accum, 1, lambda: at_grads.update(tracker.by_role("current"))
+                adapted,
+                optimizer,
+                loss,
+                data,
+                grad_accum,
+                1,
+                lambda: at_grads.update(tracker.by_role("current")),
             )
     return Trace(
         method_cfg.name,

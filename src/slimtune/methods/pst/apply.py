@@ -81,6 +81,10 @@ class PSTAdapted(Adapted):
         super().__init__(model, cfg)
         self.extra_state["sparsity"] = cfg.init_sparsity
 
+    def loss_head(self) -> nn.Linear | None:
+        # the distillation term reads the student's logits (a forward hook on the model's output)
+        return None if self.cfg.distill_weight > 0 else super().loss_head()
+
     def on_step_start(self, step: int) -> None:
         if self.total_steps is None and step == 0:  # benchmarks: held at the target (the cool-down state)
             self.on_step_end(0)

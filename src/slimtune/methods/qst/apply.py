@@ -19,6 +19,9 @@ class QSTAdapted(Adapted):
 
     model: QSTModel
 
+    def loss_head(self) -> None:
+        return None  # the side network's forward forms its own logit-free loss through the frozen head
+
     def merge(self) -> nn.Module:
         raise NotImplementedError(
             "QST cannot be merged: its side network is a separate model that reads every "
