@@ -113,7 +113,7 @@ def test_second_backward_is_refused():
 
 def test_loss_term_measured_both_ways():
     """The bench's loss-term measurement: the model's own loss holds the logits, their log-softmax and their
-    gradient (3 × [tokens, vocab] fp32); the logit-free loss holds one chunk (here all 128 rows fit one chunk)."""
+    gradient (3 × [tokens, vocab] fp32); the logit-free loss holds one chunk of rows."""
     from slimtune.bench.worker import loss_term_bytes
     from slimtune.methods import apply, make_config
 
@@ -124,4 +124,4 @@ def test_loss_term_measured_both_ways():
                                                     "labels": ids})  # fmt: skip
     one = 2 * 64 * 4096 * 4
     assert 3 * one <= got["logits"] < 3.2 * one
-    assert one <= got["chunked"] < 1.2 * one
+    assert 0 < got["chunked"] < one / 4  # PyTorch picks chunks far below one [tokens, vocab] tensor

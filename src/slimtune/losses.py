@@ -1,19 +1,17 @@
 """Losses shared by methods, and the trainer's logit-free training loss.
 
 ``linear_cross_entropy`` computes next-token cross-entropy through an LM head ``z = W h (+ b)`` without ever
-holding the ``[tokens, vocab]`` logits. The loss's gradients are known in closed form,
+holding the ``[tokens, vocab]`` logits. It gathers the positions that have a target (prompt tokens and padding
+never reach the head, which the plain loss cannot skip) and hands them to PyTorch's own chunked
+``F.linear_cross_entropy`` (``options=LinearCrossEntropyOptions()``, PyTorch 2.13): it walks the rows in chunks,
+forms each chunk's logits, loss and share of the closed-form gradients
 
-    loss = (1/n) Σ_t [logsumexp(z_t) - z_t[y_t]]                         (n: positions with a target)
-    g_t  = (1/n) (softmax(z_t) - onehot(y_t))                            (0 for ignored positions)
-    ∂loss/∂h_t = Wᵀ g_t,    ∂loss/∂W = Σ_t g_t h_tᵀ,    ∂loss/∂b = Σ_t g_t
+    g_t = (1/n) (softmax(z_t) - onehot(y_t)),   ∂/∂h_t = Wᵀ g_t,   ∂/∂W = Σ_t g_t h_tᵀ,   ∂/∂b = Σ_t g_t
 
-so the forward walks the *target* positions in chunks, forms each chunk's logits, its loss and its share of the
-three gradients, and keeps only the ``[tokens, d]`` input gradient and (for a trainable head) the ``[V, d]``
-weight gradient for backward, which scales them by the incoming gradient in place. Positions without a target
-(prompt tokens, padding) never reach the head at all, which the plain loss cannot skip. Peak extra memory is one
-chunk of logits instead of the logits, their log-softmax and their gradient (three ``[tokens, vocab]`` tensors:
-~0.2 GB each for SmolLM2 at 4 × 256 tokens in fp32, ~0.6 GB each for a 152k vocabulary). FLOPs are those of the
-plain head (one matmul forward, two backward) on the target positions only.
+and keeps only the input gradient and (for a trainable head) the weight gradient for backward. Peak extra
+memory is one chunk of logits instead of the logits, their fp32 log-softmax and their gradient (three
+``[tokens, vocab]`` tensors: ~0.2 GB each for SmolLM2 at 4 × 256 tokens in fp32, ~0.6 GB each for a 152k
+vocabulary). FLOPs are those of the plain head on the target positions only.
 
 The trainer uses it for every method whose model lets it (:class:`LogitFreeLoss`): the model runs with its head
 swapped for a pass-through, so it returns its final hidden state (after any linear logit scaling the family
@@ -28,73 +26,20 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.nn import LinearCrossEntropyOptions
 
 IGNORE = -100
 """The label that marks a position as not a training target (PyTorch's and transformers' ``ignore_index``)."""
 
-CHUNK_BYTES = 32 * 2**20
-"""Logits per chunk, in bytes of the accumulation dtype (fp32): 32 MiB is 170 rows of SmolLM2's 49k vocabulary."""
+CHUNK_BYTES = 64 * 2**20
+"""Logits per chunk, in fp32 bytes: 341 rows of SmolLM2's 49k vocabulary, 110 of Qwen's 152k. PyTorch's own
+chunk heuristic (``chunking_method="auto"``) picks chunks so small on CPU in fp32 that the loss took 12 s instead
+of 1.9 s for 1,024 rows of SmolLM2's head here (2 threads)."""
 
 
-def chunk_rows(vocab: int, acc_bytes: int = 4) -> int:
-    """Rows per chunk so one chunk of logits takes about :data:`CHUNK_BYTES` (at least 16)."""
-    return max(16, CHUNK_BYTES // (vocab * acc_bytes))
-
-
-class _LinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        tgt = targets.reshape(-1)
-        rows = (tgt != IGNORE).nonzero().squeeze(1)  # the positions with a target; the rest have no loss
-        n_valid = max(int(rows.numel()), 1)
-        acc = torch.promote_types(weight.dtype, torch.float32)  # logits in fp32 at least (fp64 stays fp64)
-        need_b = bias is not None and bias.requires_grad
-        grad_h = torch.zeros_like(flat) if hidden.requires_grad else None
-        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
-        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
-        total = flat.new_zeros((), dtype=acc)
-        for start in range(0, rows.numel(), chunk):
-            idx = rows[start : start + chunk]
-            h = flat.index_select(0, idx).to(weight.dtype)
-            z = F.linear(h, weight, bias).to(acc)
-            y = tgt.index_select(0, idx)
-            lse = torch.logsumexp(z, dim=-1)
-            total = total + (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in the logits' storage
-            g[torch.arange(len(idx), device=g.device), y] -= 1.0
-            g.div_(n_valid)
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            g = g.to(weight.dtype)
-            if grad_h is not None:
-                grad_h.index_copy_(0, idx, (g @ weight).to(grad_h.dtype))
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.shape = hidden.shape
-        return total / n_valid
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_cross_entropy: backward ran twice; its gradients are formed in forward and handed over "
-                "once (compute the loss again instead of retain_graph=True)"
-            )
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None  # handed to autograd: nothing here outlives the backward
-        for g in (grad_h, grad_w, grad_b):
-            if g is not None:
-                g.mul_(grad_out.to(g.dtype))  # in place: a loss scale (1 / grad_accum) costs no copy
-        grad_h = grad_h.reshape(ctx.shape) if grad_h is not None else None
-        return grad_h, grad_w, grad_b, None, None
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one chunk of fp32 logits takes about :data:`CHUNK_BYTES` (at least 64)."""
+    return max(64, CHUNK_BYTES // (vocab * 4))
 
 
 def linear_cross_entropy(
@@ -108,10 +53,30 @@ def linear_cross_entropy(
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` (-100 ignored), equal in value
     and in every gradient (hidden, a trainable ``weight`` and ``bias``) to ``F.cross_entropy`` on the full logits.
     ``shift``: HF's causal convention, ``labels[:, t+1]`` is the target of position t; without it ``hidden`` is
-    ``[N, d]`` rows against ``labels`` ``[N]``. ``chunk``: target rows per chunk (default: :func:`chunk_rows`).
-    Backward runs once (the gradients are formed in forward and handed over)."""
+    ``[N, d]`` rows against ``labels`` ``[N]``. ``chunk``: rows per chunk (default: :func:`chunk_rows`).
+
+    Only the positions with a target are gathered and passed to PyTorch's chunked
+    ``F.linear_cross_entropy`` (``LinearCrossEntropyOptions``), which forms the gradients in forward and hands
+    them over in backward: backward runs once."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE) if shift else labels
-    return _LinearCE.apply(hidden, weight, bias, targets, chunk or chunk_rows(weight.shape[0]))
+    flat, tgt = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = (tgt != IGNORE).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return (
+            flat.sum().to(torch.promote_types(flat.dtype, torch.float32)) * 0.0
+        )  # no target: a zero loss whose gradients are zero
+    options = LinearCrossEntropyOptions(
+        batch_chunk_size=chunk or chunk_rows(weight.shape[0]), chunking_method=None
+    )
+    loss = F.linear_cross_entropy(
+        flat.index_select(0, rows).to(weight.dtype),
+        weight,
+        tgt.index_select(0, rows),
+        linear_bias=bias,
+        ignore_index=IGNORE,
+        options=options,
+    )
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
 
 
 def frozen_head_cross_entropy(
