@@ -39,6 +39,22 @@ def test_fake_trace_matches_the_real_step(method):
     assert fake.flops > 0
 
 
+def test_the_plan_sees_checkpointing_the_chunked_loss_and_its_flops():
+    """Gradient checkpointing leaves each layer's input only (the FLOP counter, whose module hooks keep
+    activations alive, runs on another step than the memory trace); the chunked loss holds no [tokens, vocab]
+    logits; both losses count the head's FLOPs (PyTorch's chunked op is taught its formula)."""
+    config = family_config("llama", **{**SMALL, "num_hidden_layers": 8, "vocab_size": 4096})
+    lora = make_config("lora", dropout=0.0)
+    plain = trace_step(config, lora, 4, 128, torch.float32)
+    ckpt = trace_step(config, lora, 4, 128, torch.float32, grad_checkpointing=True)
+    logits = trace_step(config, lora, 4, 128, torch.float32, chunked_loss=False)
+    assert ckpt.peak["activations"] < 0.4 * plain.peak["activations"], (ckpt.peak, plain.peak)
+    one_logits = 4 * 128 * 4096 * 4
+    assert logits.total - plain.total > 2 * one_logits, (logits.peak, plain.peak)
+    assert abs(plain.flops - logits.flops) < 0.01 * logits.flops, (plain.flops, logits.flops)
+    assert ckpt.flops > 1.2 * plain.flops  # the recomputed forward
+
+
 def test_full_fine_tuning_roles_are_what_adamw_holds():
     config = family_config("llama", **SMALL)
     t = trace_step(config, make_config("full"), 2, 16, torch.float32)

@@ -42,6 +42,27 @@ def chunk_rows(vocab: int) -> int:
     return max(64, CHUNK_BYTES // (vocab * 4))
 
 
+def _register_flops() -> None:
+    """Teach ``FlopCounterMode`` the FLOPs of PyTorch's chunked linear cross-entropy op (it forms the logits and
+    the gradients inside one custom op, which the counter does not see into): 2·N·V·d for the logits and as much
+    again for each gradient it forms (input, weight). `slimtune bench` and `slimtune plan` count with it."""
+    import torch.nn.modules.linear_cross_entropy  # noqa: F401  (defines the op)
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = torch.ops.torch_nn._linear_cross_entropy_batch_chunked
+    if op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        n, d = input_shape
+        grads = int(bool(args[-3])) + int(bool(args[-2]))  # compute_input_grad, compute_linear_weight_grad
+        return 2 * n * weight_shape[0] * d * (1 + grads)
+
+
+_register_flops()
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

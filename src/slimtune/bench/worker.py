@@ -183,21 +183,12 @@ def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5) ->
 
 
 def _timed_steps(trainer, spec: dict, on_last_grads) -> tuple[list[float], list[float]]:
-    """Run warmup + steps trainer steps; the peaks are reset after warmup; returns (losses, timed seconds).
-    The first warm-up step runs under ``FlopCounterMode`` (``trainer.flops_per_step``); a bench has at least one
-    warm-up step."""
+    """Run warmup + steps trainer steps; the peaks are reset after warmup; returns (losses, timed seconds)."""
     cuda = trainer.acc.device.type == "cuda"
     total, warmup = spec["steps"] + spec["warmup"], spec["warmup"]
     trainer.model.train()
     losses, times = [], []
     for i in range(total):
-        if i == 0:  # the first warm-up step (untimed) counts the step's FLOPs
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:
-                losses.append(trainer.train_step()[0])
-            trainer.flops_per_step = counter.get_total_flops()
-            continue
         if i == warmup:
             reset_host_peak()
             if cuda:
@@ -218,6 +209,16 @@ def _timed_steps(trainer, spec: dict, on_last_grads) -> tuple[list[float], list[
         if i >= warmup:
             times.append(dt)
     return losses, times
+
+
+def _count_flops(trainer) -> int:
+    """FLOPs of one more trainer step under ``FlopCounterMode``, after the measured steps: the counter's module
+    hooks keep activations alive that gradient checkpointing frees, and a heap grown by them stays in the RSS."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    return counter.get_total_flops()
 
 
 def run(spec: dict) -> dict:
@@ -247,6 +248,7 @@ def run(spec: dict) -> dict:
             role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
 
         losses, times = _timed_steps(trainer, spec, snapshot)
+        flops = _count_flops(trainer)
         first = {k: torch.tensor(v[: spec["batch"]], device=trainer.acc.device) for k, v in
                  (("input_ids", rows), ("labels", rows))}  # fmt: skip
         first["attention_mask"] = torch.ones_like(first["input_ids"])
@@ -254,10 +256,10 @@ def run(spec: dict) -> dict:
     out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
     rate = matmul_flops_per_s(trainer.acc.device)
     compute = {
-        "flops_per_step": trainer.flops_per_step,
+        "flops_per_step": flops,
         "matmul_flops_per_s": rate,
-        "flop_limit_step_s": trainer.flops_per_step / rate,
-        "flop_share": trainer.flops_per_step / rate / out["step_time_median_s"],
+        "flop_limit_step_s": flops / rate,
+        "flop_share": flops / rate / out["step_time_median_s"],
     }
     from slimtune.losses import LogitFreeLoss
 

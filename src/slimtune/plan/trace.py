@@ -48,6 +48,11 @@ class PlanTracker(MemTracker):
                 self._peak_mem[dev] = snap["Total"]
                 self._peak_mem_snap[dev] = dict(snap)
 
+    def reset_peak(self) -> None:
+        """Start the peak over from what is alive now (between steps)."""
+        self._peak_mem = {dev: snap["Total"] for dev, snap in self._curr_mem_snap.items()}
+        self._peak_mem_snap = {dev: dict(snap) for dev, snap in self._curr_mem_snap.items()}
+
     def by_role(self, which: str = "peak") -> dict[str, int]:
         """Bytes by role at the peak (``which`` 'peak') or now ('current'), all devices together."""
         out = dict.fromkeys(ROLES, 0)
@@ -216,18 +221,15 @@ def _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpoin
     tracker.track_external(adapted.model, optimizer)
     at_grads: dict[str, int] = {}
     with tracker:
-        _step(adapted, optimizer, loss, data, grad_accum, 0)
-        tracker.reset_mod_stats()
+        # FLOPs on the first step; memory on the second, apart: the counter's module hooks keep activations alive
+        # that gradient checkpointing frees (a LoRA step traced under it held 4x the checkpointed activations)
         with FlopCounterMode(display=False) as flops:
-            _step(
-                adapted,
-                optimizer,
-                loss,
-                data,
-                grad_accum,
-                1,
-                lambda: at_grads.update(tracker.by_role("current")),
-            )
+            _step(adapted, optimizer, loss, data, grad_accum, 0)
+        tracker.reset_mod_stats()
+        tracker.reset_peak()
+        _step(
+            adapted, optimizer, loss, data, grad_accum, 1, lambda: at_grads.update(tracker.by_role("current"))
+        )
     return Trace(
         method_cfg.name,
         tracker.by_role("peak"),
