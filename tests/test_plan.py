@@ -158,3 +158,18 @@ def test_a_config_that_is_not_json_is_refused(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["plan", "--config", str(bad)]) == 2
     assert "not a readable JSON file" in capsys.readouterr().err
+
+
+def test_lora_without_dropout_keeps_no_copy_of_the_adapted_inputs():
+    """peft's LoRA with dropout 0 reads the layer input itself (nn.Identity): it holds what full fine-tuning
+    holds plus its rank-r intermediates; with dropout > 0 every adapted linear keeps its own dropped copy for
+    backward: q, k, v, o, gate, up (6 × hidden) and down (intermediate)."""
+    layers, tokens = 4, 2 * 64
+    config = family_config("llama", **{**SMALL, "num_hidden_layers": layers})
+    d0 = trace_step(config, make_config("lora", dropout=0.0), 2, 64, torch.float32)
+    d5 = trace_step(config, make_config("lora", dropout=0.05), 2, 64, torch.float32)
+    full = trace_step(config, make_config("full"), 2, 64, torch.float32)
+    copies = layers * tokens * (6 * SMALL["hidden_size"] + SMALL["intermediate_size"]) * 4
+    assert d5.peak["activations"] - d0.peak["activations"] >= copies, (d5.peak, d0.peak)
+    rank_r = layers * 7 * tokens * 16 * 4  # LoRA's own [tokens, r] intermediates (A x) of the 7 adapted linears
+    assert d0.peak["activations"] <= full.peak["activations"] + rank_r, (d0.peak, full.peak)
