@@ -171,5 +171,7 @@ def test_lora_without_dropout_keeps_no_copy_of_the_adapted_inputs():
     full = trace_step(config, make_config("full"), 2, 64, torch.float32)
     copies = layers * tokens * (6 * SMALL["hidden_size"] + SMALL["intermediate_size"]) * 4
     assert d5.peak["activations"] - d0.peak["activations"] >= copies, (d5.peak, d0.peak)
-    rank_r = layers * 7 * tokens * 16 * 4  # LoRA's own [tokens, r] intermediates (A x) of the 7 adapted linears
+    rank_r = (
+        layers * 7 * tokens * 16 * 4
+    )  # LoRA's own [tokens, r] intermediates (A x) of the 7 adapted linears
     assert d0.peak["activations"] <= full.peak["activations"] + rank_r, (d0.peak, full.peak)
