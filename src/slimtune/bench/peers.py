@@ -38,21 +38,6 @@ def peer_runs(runs: list[dict], peers: list[str]) -> list[dict]:
     return out
 
 
-def _peft_model(model, method_cfg):
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if method_cfg.target_modules == ["all-linear"] else list(method_cfg.target_modules)
-    lcfg = LoraConfig(
-        r=method_cfg.r,
-        lora_alpha=method_cfg.alpha,
-        lora_dropout=method_cfg.dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-        target_modules=targets,
-    )
-    return get_peft_model(model, lcfg)
-
-
 def _load_4bit(spec: dict, dtype: torch.dtype):
     """The model loaded as users load it for QLoRA: ``from_pretrained(..., quantization_config=nf4)``."""
     from peft import prepare_model_for_kbit_training
@@ -91,7 +76,11 @@ def _peer_model(spec: dict, method_cfg):
     else:
         model, tok = load_for_bench(spec)
     if spec["method"] in ("lora", "qlora"):
-        model = _peft_model(model, method_cfg)
+        from slimtune.methods.baselines.apply import (
+            peft_lora,
+        )  # peft's get_peft_model(LoraConfig(...)), no more
+
+        model = peft_lora(model, method_cfg)
     return model, tok
 
 
@@ -100,7 +89,7 @@ def run_hf(spec: dict) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from slimtune import memory
-    from slimtune.bench.worker import _bench_rows, _run_config, host_peak_bytes, reset_host_peak
+    from slimtune.bench.worker import _bench_rows, _run_config, host_peak_bytes, reset_host_peak, step_fields
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -161,7 +150,6 @@ def run_hf(spec: dict) -> dict:
         trainer.train()
     rss = host_peak_bytes()
     cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
-    median = sorted(times)[len(times) // 2]
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -169,12 +157,7 @@ def run_hf(spec: dict) -> dict:
         "cuda_peak_allocated_bytes": cuda_peak,
         "peak_bytes": cuda_peak if cuda else rss,
         "memory_by_role": {},
-        "step_time_median_s": median,
-        "step_times_s": times,
-        "tokens_per_s": spec["batch"] * spec["seq_len"] / median,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "losses": losses,
+        **step_fields(spec, times, losses),
         "setup_s": setup_s,
         "runtime_rss_bytes": runtime,
         "device": "cuda" if cuda else "cpu",

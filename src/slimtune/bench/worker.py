@@ -330,11 +330,23 @@ def _prediction(spec: dict, adapted, cfg) -> dict:
     }
 
 
+def step_fields(spec: dict, times: list[float], losses: list[float]) -> dict:
+    """The timing and loss fields every measured run reports (slimtune's and a peer's)."""
+    median = sorted(times)[len(times) // 2]
+    return {
+        "step_time_median_s": median,
+        "step_times_s": times,
+        "tokens_per_s": spec["batch"] * spec["seq_len"] / median,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+    }
+
+
 def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:
     cuda = trainer.acc.device.type == "cuda"
     rss = host_peak_bytes()
     cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
-    median = sorted(times)[len(times) // 2]
     return {
         "trainable_params": sum(p.numel() for p in adapted.trainable_parameters()),
         "total_params": sum(p.numel() for p in adapted.model.parameters()),
@@ -345,12 +357,7 @@ def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, loa
         "peak_bytes": cuda_peak if cuda else rss,
         "memory_by_role": role_bytes,
         "facts": adapted.bench_facts(spec["seq_len"]),
-        "step_time_median_s": median,
-        "step_times_s": times,
-        "tokens_per_s": spec["batch"] * spec["seq_len"] / median,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "losses": losses,
+        **step_fields(spec, times, losses),
         "setup_s": setup_s,
         "device": str(trainer.acc.device),
         "data": "sentiment text" if tok is not None else "random tokens",
