@@ -84,26 +84,13 @@ def _peer_model(spec: dict, method_cfg):
     return model, tok
 
 
-def run_hf(spec: dict) -> dict:
-    """One ``transformers.Trainer`` measurement; the result has the fields of slimtune's worker."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def _timer(warmup: int, times: list[float]):
+    """A ``TrainerCallback`` timing each optimizer step after ``warmup`` (peaks reset when the timed steps start)."""
+    from transformers import TrainerCallback
 
-    from slimtune import memory
-    from slimtune.bench.worker import _bench_rows, _run_config, host_peak_bytes, reset_host_peak, step_fields
+    from slimtune.bench.worker import reset_host_peak
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    t0 = time.perf_counter()
-    cfg = _run_config(spec)
-    runtime = memory.runtime_rss_bytes(("peft", "transformers"))
-    model, tok = _peer_model(spec, cfg.method)
-    model.train()
-    rows = _bench_rows(spec, tok, model.config.vocab_size)
-    data = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": list(r)} for r in rows]
-    total, warmup = spec["steps"] + spec["warmup"], spec["warmup"]
     cuda = torch.cuda.is_available()
-    times: list[float] = []
-    losses: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -121,6 +108,13 @@ def run_hf(spec: dict) -> dict:
             if state.global_step > warmup:
                 times.append(time.perf_counter() - self.t)
 
+    return Timer()
+
+
+def _train_hf(model, data: list[dict], spec: dict, cfg, times: list[float], losses: list[float]) -> None:
+    """``warmup + steps`` steps of ``transformers.Trainer`` (no eval, logging or saving), timed and logged."""
+    from transformers import Trainer, TrainingArguments
+
     class LossTrainer(Trainer):
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -131,7 +125,7 @@ def run_hf(spec: dict) -> dict:
         targs = TrainingArguments(
             output_dir=tmp,
             per_device_train_batch_size=spec["batch"],
-            max_steps=total,
+            max_steps=spec["steps"] + spec["warmup"],
             learning_rate=cfg.train.lr,
             lr_scheduler_type="constant",
             weight_decay=0.0,
@@ -140,15 +134,35 @@ def run_hf(spec: dict) -> dict:
             save_strategy="no",
             eval_strategy="no",
             report_to=[],
-            use_cpu=not cuda,
+            use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
             seed=spec.get("seed", 0),
             disable_tqdm=True,
         )
-        trainer = LossTrainer(model=model, args=targs, train_dataset=data, callbacks=[Timer()])
-        setup_s = time.perf_counter() - t0
-        trainer.train()
+        callbacks = [_timer(spec["warmup"], times)]
+        LossTrainer(model=model, args=targs, train_dataset=data, callbacks=callbacks).train()
+
+
+def run_hf(spec: dict) -> dict:
+    """One ``transformers.Trainer`` measurement; the result has the fields of slimtune's worker."""
+    from slimtune import memory
+    from slimtune.bench.worker import bench_rows, host_peak_bytes, run_config, step_fields
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    cfg = run_config(spec)
+    runtime = memory.runtime_rss_bytes(("peft", "transformers"))
+    model, tok = _peer_model(spec, cfg.method)
+    model.train()
+    rows = bench_rows(spec, tok, model.config.vocab_size)
+    data = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": list(r)} for r in rows]
+    times: list[float] = []
+    losses: list[float] = []
+    setup_s = time.perf_counter() - t0
+    _train_hf(model, data, spec, cfg, times, losses)
     rss = host_peak_bytes()
+    cuda = torch.cuda.is_available()
     cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -181,3 +195,11 @@ def peer_ratios(runs: list[dict]) -> dict:
             "speed": r["tokens_per_s"] / p["tokens_per_s"],
         }
     return out
+
+
+if __name__ == "__main__":  # python -m slimtune.bench.peers SPEC.json OUT.json (one peer run, as the worker)
+    import sys
+
+    from slimtune.bench.worker import main
+
+    sys.exit(main(fn=run_hf))

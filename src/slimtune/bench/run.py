@@ -24,6 +24,8 @@ from slimtune.config import TrainConfig, parse_overrides
 from slimtune.errors import UserError
 
 DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
+WORKERS = {False: "slimtune.bench.worker", True: "slimtune.bench.peers"}
+"""The module each run executes in its own process: slimtune's measurement, or a peer's."""
 PROBES = ("nf4-forward",)
 """Bench-only measurements that are not methods: `nf4-forward` times the 4-bit backbone's no-grad forward."""
 
@@ -174,7 +176,7 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
     }
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "slimtune.bench.worker", str(spec_path), str(out_path)],
+            [sys.executable, "-m", WORKERS[bool(run.get("peer"))], str(spec_path), str(out_path)],
             capture_output=True,
             text=True,
             timeout=plan.timeout_s,

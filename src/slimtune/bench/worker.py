@@ -136,7 +136,7 @@ RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
 """Keys of a bench run's ``settings`` that are not the method's."""
 
 
-def _run_config(spec: dict):
+def run_config(spec: dict):
     """The :class:`~slimtune.config.RunConfig` of a measurement: what `slimtune train` would run, held at the
     schedules' first rung, with a constant learning rate and no clipping changes."""
     from slimtune import config as C
@@ -160,7 +160,7 @@ def _run_config(spec: dict):
     return C.RunConfig(model=model, train=train, method=make_config(spec["method"], **settings))
 
 
-def _bench_rows(spec: dict, tok, vocab: int) -> list[list[int]]:
+def bench_rows(spec: dict, tok, vocab: int) -> list[list[int]]:
     n_rows = spec["batch"] * (spec["steps"] + spec["warmup"])
     if tok is not None:
         return _text_rows(tok, n_rows, spec["seq_len"], spec.get("seed", 0))
@@ -229,11 +229,11 @@ def run(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     runtime = memory.runtime_rss_bytes(("peft", "transformers"))
-    cfg = _run_config(spec)
+    cfg = run_config(spec)
     random_weights = spec.get("shape") or spec.get("model") == "tiny"
     p = api.prepare(cfg, (lambda: load_for_bench(spec)) if random_weights else None)
     adapted, tok = p.adapted, p.tok
-    rows = _bench_rows(spec, tok, adapted.model.config.vocab_size)
+    rows = bench_rows(spec, tok, adapted.model.config.vocab_size)
     data = Encoded(rows, [list(r) for r in rows])
     pad = SimpleNamespace(pad_token_id=tok.pad_token_id if tok is not None else 0)
     role_bytes: dict[str, int] = {}
@@ -369,7 +369,8 @@ def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, loa
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, fn=None) -> int:
+    """Run one measurement (``fn``, default: the spec's method or probe) from SPEC.json into OUT.json."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1])
@@ -381,9 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        if spec.get("peer"):
-            from slimtune.bench.peers import run_hf as fn
-        else:
+        if fn is None:
             fn = run_nf4_forward if spec["method"] == "nf4-forward" else run
         result = {"ok": True, "error": None, **fn(spec)}
     except Exception as err:  # recorded, so the other runs still go on
