@@ -3,7 +3,7 @@
 ``linear_cross_entropy`` computes next-token cross-entropy through an LM head ``z = W h (+ b)`` without ever
 holding the ``[tokens, vocab]`` logits. It gathers the positions that have a target (prompt tokens and padding
 never reach the head, which the plain loss cannot skip) and hands them to PyTorch's own chunked
-``F.linear_cross_entropy`` (``options=LinearCrossEntropyOptions()``, PyTorch 2.13): it walks the rows in chunks,
+``F.linear_cross_entropy`` (``options=LinearCrossEntropyOptions(batch_chunk_size=...)``, PyTorch 2.13): it walks the rows in chunks,
 forms each chunk's logits, loss and share of the closed-form gradients
 
     g_t = (1/n) (softmax(z_t) - onehot(y_t)),   ∂/∂h_t = Wᵀ g_t,   ∂/∂W = Σ_t g_t h_tᵀ,   ∂/∂b = Σ_t g_t
