@@ -17,6 +17,7 @@ from slimtune import memory, models
 from slimtune.data import load_split
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult
+from slimtune.files import read_json, save_atomic, write_atomic
 from slimtune.methods import apply as apply_method
 from slimtune.methods import make_config, require_trainer
 from slimtune.methods.base import Adapted
@@ -114,10 +115,10 @@ def _eval_before(trainer: Trainer, run_dir: Path, resumed: bool, main: bool) -> 
     """The evaluation before training (read back when a resumed run already has it)."""
     path = run_dir / "eval_before.json"
     if resumed and path.is_file():
-        return EvalResult(**json.loads(path.read_text()))
+        return EvalResult(**read_json(path))
     before = trainer.run_eval()
     if main:
-        path.write_text(json.dumps(before.__dict__, indent=2))
+        write_atomic(path, json.dumps(before.__dict__, indent=2))
     return before
 
 
@@ -147,13 +148,18 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
         f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}"
     )
-    trainer = Trainer(p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir)
-    before = _eval_before(trainer, run_dir, resume_dir is not None, main)
-    if main:
-        print_eval("before", before)
-    result = trainer.train(resume=resume_dir is not None)
-    after = trainer.run_eval()
-    trainer.close()
+    trainer = Trainer(
+        p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir,
+        identity={"base_model": cfg.model.name},
+    )  # fmt: skip
+    try:
+        before = _eval_before(trainer, run_dir, resume_dir is not None, main)
+        if main:
+            print_eval("before", before)
+        result = trainer.train(resume=resume_dir is not None)
+        after = trainer.run_eval()
+    finally:
+        trainer.close()
     if not main:
         return {}
     print_eval("after ", after)
@@ -171,7 +177,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
 def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: Path, facts: dict) -> dict:
     """Save the trained method to ``<run>/final``; write and return ``<run>/results.json``."""
     before, after = evals
-    final = p.adapted.save(run_dir / FINAL, {"base_model": cfg.model.name, "dtype": cfg.model.dtype})
+    final = save_atomic(p.adapted, run_dir / FINAL, {"base_model": cfg.model.name, "dtype": cfg.model.dtype})
     mem = p.adapted.memory_report()
     mem["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
     results = {
@@ -194,7 +200,7 @@ def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: P
         "samples": after.samples,
         "saved": str(final),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     return results
 
 

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from slimtune.errors import ConfigError, UserError
+from slimtune.faults import RunStopped
 
 
 def _quiet() -> None:
@@ -304,8 +305,15 @@ def _add_pema_command(sub) -> None:
     pm.set_defaults(fn=cmd_pema)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line, exit 2 (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"slimtune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
+    ap = _Parser(prog="slimtune", description="Frugal fine-tuning of causal LMs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_config_commands(sub)
     _add_run_commands(sub)
@@ -325,7 +333,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"slimtune: error: {problem}", file=sys.stderr)
         return 2
     except UserError as err:
-        print(f"slimtune: error: {err}", file=sys.stderr)
+        print(f"slimtune: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, always
+        return 2
+    except RunStopped as err:
+        print(f"slimtune: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:
+        if err.filename is None:
+            raise
+        print(f"slimtune: error: '{err.filename}': {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slimtune: interrupted", file=sys.stderr)

@@ -114,6 +114,9 @@ class TrainConfig(Checked):
     """Compute the task metric (accuracy, BLEU, ...) at evaluation, not only loss."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    on_nonfinite: str = "skip"
+    """A NaN/inf loss or gradient: skip (the step is not applied; counted and logged; 10 in a row stop the run
+    as with stop) | stop (save the last good state as a checkpoint and exit with code 3)."""
 
     def check(self) -> list[Problem]:
         out = positive(self, "steps", "batch_size", "grad_accum", "lr", "max_grad_norm", "threads")
@@ -139,6 +142,7 @@ class TrainConfig(Checked):
             )
         out += choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         out += choice("memory", self.memory, ("standard", "low"))
+        out += choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         return out
 
 
@@ -165,7 +169,7 @@ def parse_overrides(items: list[str]) -> dict:
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise UserError(f"override '{item}': expected dotted.key=value (e.g. train.lr=1e-4)")
+            raise UserError(f"override {item!r}: expected dotted.key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
@@ -178,7 +182,7 @@ def parse_overrides(items: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"override '{item}': '{part}' is set twice")
+                raise UserError(f"override {item!r}: '{part}' is set twice")
         node[parts[-1]] = value
     return out
 
@@ -199,12 +203,13 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"config file '{path}': no such file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file '{path}': not UTF-8 text (byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(
-            f"config file '{path}'{where}: invalid YAML ({getattr(err, 'problem', err)})"
-        ) from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise UserError(f"config file '{path}'{where}: invalid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -236,7 +241,7 @@ def from_dict(raw: dict) -> RunConfig:
         name = method_raw.get("name")
         if name is None:
             problems.append(f"method.name: missing (one of {', '.join(METHODS)})")
-        elif name not in METHODS:
+        elif not isinstance(name, str) or name not in METHODS:
             problems.append(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
         else:
             rest = {k: v for k, v in method_raw.items() if k != "name"}
@@ -268,5 +273,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    d = cfg.to_dict()
-    path.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
+    from slimtune.files import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -4,6 +4,7 @@ truncate (with a count), pad dynamically or pack, and iterate in a seeded, resum
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -47,31 +48,70 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         return [(i + 1, dict(r)) for i, r in enumerate(ds)]
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        out = []
-        with p.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"data.path '{path}' line {i}: invalid JSON ({err.msg})") from None
-                if not isinstance(rec, dict):
-                    raise UserError(
-                        f"data.path '{path}' line {i}: expected a JSON object, got {type(rec).__name__}"
-                    )
-                out.append((i, rec))
-        return out
+        return _read_jsonl(p, path)
     if suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as fh:
-            return [(i + 2, dict(r)) for i, r in enumerate(csv.DictReader(fh))]  # row 1 is the header
+        return _read_csv(p, path)
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return [(i + 1, r) for i, r in enumerate(pq.read_table(p).to_pylist())]
+        try:
+            table = pq.read_table(p)
+        except (pa.ArrowException, OSError) as err:
+            raise UserError(f"data.path '{path}': not a readable Parquet file ({str(err)[:200]})") from None
+        return [(i + 1, r) for i, r in enumerate(table.to_pylist())]
     raise UserError(
         f"data.path '{path}': unsupported file type '{suffix}' (use .jsonl, .csv, .parquet or a dataset dir)"
     )
+
+
+def _read_jsonl(p: Path, path) -> list[tuple[int, dict]]:
+    out = []
+    with p.open("rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"data.path '{path}' line {i}: not UTF-8 text (byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"data.path '{path}' line {i}: invalid JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(
+                    f"data.path '{path}' line {i}: expected a JSON object, got {type(rec).__name__}"
+                )
+            out.append((i, rec))
+    return out
+
+
+CSV_FIELD_LIMIT = 1 << 26  # characters per field (the csv module's default, 128 KiB, refuses long documents)
+
+
+def _read_csv(p: Path, path) -> list[tuple[int, dict]]:
+    """Rows of a CSV with a header; a row with more fields than the header is refused (it would be lost)."""
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"data.path '{path}' line {line}: not UTF-8 text") from None
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    out = []
+    try:
+        for row in reader:
+            if None in row:
+                raise UserError(
+                    f"data.path '{path}' line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} "
+                    f"fields where the header has {len(reader.fieldnames)}"
+                )
+            out.append((reader.line_num, dict(row)))
+    except csv.Error as err:
+        raise UserError(f"data.path '{path}' line {reader.line_num}: malformed CSV ({err})") from None
+    return out
 
 
 def detect_format(records: list[tuple[int, dict]], where: str) -> str:

@@ -154,9 +154,53 @@ def _fresh_copy(model: nn.Module) -> nn.Module:
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf(path)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return _fresh_copy(model), tok
+
+
+def _check_gguf(path: Path) -> None:
+    """One clear line for a file that is not a GGUF model (wrong magic, truncated, no architecture)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch = reader.fields.get("general.architecture")
+    except Exception as err:  # gguf raises ValueError / struct errors / IndexError on damaged files
+        raise UserError(
+            f"model.name '{path}': not a readable GGUF model ({type(err).__name__}: {err})"
+        ) from None
+    if arch is None:
+        raise UserError(f"model.name '{path}': not a readable GGUF model (no general.architecture)")
+
+
+def _load_dir(path: Path, name: str, dtype: torch.dtype):
+    """An HF model directory: config and tokenizer checked first, so a damaged one is one line naming it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimtune.files import read_json
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.name '{name}': directory has no config.json (not an HF model)")
+    read_json(path / "config.json")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise UserError(
+            f"model.name '{name}': no tokenizer in the directory (tokenizer.json / tokenizer_config.json)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name '{name}': the tokenizer does not load ({str(err).splitlines()[0][:200]})"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name '{name}': the model does not load ({str(err).splitlines()[0][:200]})"
+        ) from None
+    return model, tok
 
 
 def _cached_alias(name: str) -> Path:
@@ -227,8 +271,6 @@ def model_path(name_or_path: str) -> Path:
 def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None):
     """Load ``(model, tokenizer)`` from an alias, an HF model directory or a ``.gguf`` file, offline, with the
     model's weights on ``device`` (default: :func:`default_device`) in ``dtype`` (``auto``: per device)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     path = model_path(name_or_path)
@@ -239,10 +281,7 @@ def load(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | Non
             )
         model, tok = _load_gguf(path, torch_dtype)
     else:
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.name '{name_or_path}': directory has no config.json (not an HF model)")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model, tok = _load_dir(path, name_or_path, torch_dtype)
     model = model.to(device=device, dtype=torch_dtype).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -15,16 +17,18 @@ import torch
 from tqdm.auto import tqdm
 
 from slimtune import memory
-from slimtune.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
+from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
 from slimtune.losses import LogitFreeLoss
 from slimtune.methods.base import Adapted
 from slimtune.tasks import Task
 
 log = logging.getLogger(__name__)
+MAX_SKIPS_IN_ROW = 10  # train.on_nonfinite: skip stops a run that only produces non-finite steps
 
 
 def make_accelerator(mixed_precision: str):
@@ -105,9 +109,11 @@ class Trainer:
         run_dir: Path,
         accelerator=None,
         hold_schedules: bool = False,
+        identity: dict | None = None,
     ):
         """``hold_schedules``: tell the method the run length is unknown (``total_steps = None``), so
-        schedules stay at their first rung (benchmarks time a fixed state, not a schedule)."""
+        schedules stay at their first rung (benchmarks time a fixed state, not a schedule). ``identity``
+        (``base_model``, ...) is written into each checkpoint's manifest and checked when one is resumed."""
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
@@ -138,7 +144,10 @@ class Trainer:
         self.stream = BatchStream(
             train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
         )
+        self.identity = {"method": adapted.cfg.name, **(identity or {})}
         self.step = 0
+        self.skipped = 0  # steps not applied: non-finite loss or gradient (train.on_nonfinite: skip)
+        self._skips_in_row = 0
         self._writer = None
 
     # ------------------------------------------------------------ logging
@@ -185,10 +194,13 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches, calling the method's callbacks in the order
         :class:`~slimtune.methods.base.Adapted` documents. ``with_grads`` is called once the gradients exist
         (after the method's ``after_backward``, before clipping): benchmarks read memory by role there.
+        A non-finite loss or gradient is not applied (``train.on_nonfinite``).
 
         Returns (mean micro-batch loss, tokens seen, gradient norm before clipping or None).
         """
         cfg, adapted = self.cfg, self.adapted
+        data_before = self.stream.state()
+        kept = [t.clone() for t in adapted.step_state()]
         adapted.on_step_start(self.step)
         losses, tokens = [], 0
         for micro in range(cfg.grad_accum):
@@ -199,23 +211,69 @@ class Trainer:
         if with_grads is not None:
             with_grads()
         grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(self.acc.clip_grad_norm_(adapted.trainable_parameters(), cfg.max_grad_norm))
-        self.optimizer.step()
-        adapted.optimizer_step(self.optimizer)
-        self.scheduler.step()
+        fault = self._nonfinite(losses)
+        if fault is None:
+            self._skips_in_row = 0
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(self.acc.clip_grad_norm_(adapted.trainable_parameters(), cfg.max_grad_norm))
+            self.optimizer.step()
+            adapted.optimizer_step(self.optimizer)
+        else:
+            with torch.no_grad():
+                for t, k in zip(adapted.step_state(), kept):
+                    t.copy_(k)
+            self._skip_step(fault, data_before)
+        with warnings.catch_warnings():  # a skipped first step: the schedule still advances, as under AMP
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*optimizer.step")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         adapted.on_step_end(self.step)
         return sum(losses) / len(losses), tokens, grad_norm
 
+    def _nonfinite(self, losses: list[float]) -> str | None:
+        """What is non-finite in this step (the loss, or a named gradient), or None; agreed by every rank."""
+        bad = next((f"loss {x}" for x in losses if not math.isfinite(x)), None)
+        bad = bad or (f"gradient of {name}" if (name := self.adapted.nonfinite_grad()) else None)
+        if self.acc.num_processes > 1:
+            flags = self.acc.reduce(torch.tensor([float(bad is not None)], device=self.acc.device), "sum")
+            bad = bad or ("a non-finite loss or gradient on another rank" if float(flags[0]) else None)
+        return bad
+
+    def _skip_step(self, fault: str, data_before: dict) -> None:
+        """A non-finite step: counted and logged (skip), or the last good state saved and the run stopped."""
+        self.skipped += 1
+        self._skips_in_row += 1
+        what = f"step {self.step + 1}: non-finite {fault}"
+        if self.cfg.on_nonfinite == "stop" or self._skips_in_row >= MAX_SKIPS_IN_ROW:
+            why = "train.on_nonfinite: stop" if self.cfg.on_nonfinite == "stop" else (
+                f"{MAX_SKIPS_IN_ROW} non-finite steps in a row"
+            )  # fmt: skip
+            self.save_checkpoint(data_state=data_before)
+            raise RunStopped(
+                f"{what}; stopped ({why}). The state after step {self.step} is saved in "
+                f"{self.run_dir / 'checkpoint'}; lower train.lr or check the data, then "
+                f"`slimtune train --resume {self.run_dir}`",
+                EXIT_NONFINITE,
+            )
+        log.warning("%s; the step is skipped (%d skipped so far)", what, self.skipped)
+        self._log({"step": self.step + 1, "skipped_steps": self.skipped, "nonfinite": fault})
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler, self.identity)
+        if state is None:
+            log.warning("no complete checkpoint in %s yet: the run starts again from step 0", self.run_dir)
+            return
+        self.step, self.skipped = state["step"], state.get("skipped_steps", 0)
+        self.stream.restore(state["data"])
+        log.warning("resumed %s at step %d", self.run_dir, self.step)
+
     def train(self, resume: bool = False) -> TrainResult:
+        """Run the remaining steps. SIGINT/SIGTERM: the current step finishes, a checkpoint is saved and
+        :class:`RunStopped` is raised (exit 130/143); a second signal exits at once."""
         cfg = self.cfg
-        if resume and has_checkpoint(self.run_dir):
-            state = load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler)
-            self.step = state["step"]
-            self.stream.restore(state["data"])
-            log.warning("resumed %s at step %d", self.run_dir, self.step)
+        if resume:
+            self._resume()
         self.model.train()
         t_start, tokens, first_loss, last_loss = time.perf_counter(), 0, float("nan"), float("nan")
         bar = tqdm(
@@ -226,46 +284,69 @@ class Trainer:
             dynamic_ncols=True,
         )
         t_prev = time.perf_counter()
-        while self.step < cfg.steps:
-            loss, step_tokens, grad_norm = self.train_step()
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            first_loss = loss if math.isnan(first_loss) else first_loss
-            last_loss, tokens = loss, tokens + step_tokens
-            peak = memory.device_peak_bytes(self.acc.device)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{step_tokens / dt:.0f}", mem=memory.fmt_bytes(peak))
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(
-                    {
-                        "step": self.step,
-                        "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": step_tokens / dt,
-                        "step_time_s": dt,
-                        "peak_bytes": peak,
-                        **self.adapted.extra_state_scalars(),
-                    }
+        with StopSignals() as signals:
+            while self.step < cfg.steps:
+                loss, step_tokens, grad_norm = self.train_step()
+                now = time.perf_counter()
+                dt, t_prev = now - t_prev, now
+                first_loss = loss if math.isnan(first_loss) else first_loss
+                last_loss, tokens = loss, tokens + step_tokens
+                peak = memory.device_peak_bytes(self.acc.device)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", tok_s=f"{step_tokens / dt:.0f}", mem=memory.fmt_bytes(peak)
                 )
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.run_eval()
-                self.model.train()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
-        bar.close()
-        self.save_checkpoint()
-        train_s = time.perf_counter() - t_start
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log_step(loss, grad_norm, step_tokens, dt, peak)
+                self._periodic(signals)
+            bar.close()
+            self.save_checkpoint()
         return TrainResult(
             steps=self.step,
-            train_s=train_s,
+            train_s=time.perf_counter() - t_start,
             tokens=tokens,
             first_loss=first_loss,
             last_loss=last_loss,
             peak_bytes=memory.device_peak_bytes(self.acc.device),
         )
 
-    def save_checkpoint(self) -> None:
+    def _log_step(self, loss: float, grad_norm: float | None, tokens: int, dt: float, peak: int) -> None:
+        self._log(
+            {
+                "step": self.step,
+                "loss": loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / dt,
+                "step_time_s": dt,
+                "peak_bytes": peak,
+                **self.adapted.extra_state_scalars(),
+            }
+        )
+
+    def _periodic(self, signals: StopSignals) -> None:
+        """After a step: evaluation and checkpoint when due, then a stop if a signal arrived (on any rank)."""
+        cfg = self.cfg
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            self.run_eval()
+            self.model.train()
+        stop = signals.received
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([float(stop or 0)], device=self.acc.device)
+            stop = int(self.acc.reduce(flag, "max")[0]) or None
+        if stop and self.step < cfg.steps:
+            self.save_checkpoint()
+            name = signal.Signals(stop).name
+            raise RunStopped(
+                f"stopped by {name} after step {self.step} of {cfg.steps}; checkpoint saved in "
+                f"{self.run_dir / 'checkpoint'}; continue with `slimtune train --resume {self.run_dir}`",
+                StopSignals.exit_code(stop),
+            )
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            self.save_checkpoint()
+
+    def save_checkpoint(self, data_state: dict | None = None) -> None:
+        """A checkpoint of the current step; ``data_state``: the data position to record (default: now)."""
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             save_checkpoint(
@@ -273,7 +354,12 @@ class Trainer:
                 self.adapted,
                 self.optimizer,
                 self.scheduler,
-                {"step": self.step, "data": self.stream.state()},
+                {
+                    "step": self.step,
+                    "data": data_state or self.stream.state(),
+                    "skipped_steps": self.skipped,
+                },
+                self.identity,
             )
 
     def close(self) -> None:

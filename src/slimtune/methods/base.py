@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from slimtune.errors import UserError
+from slimtune.files import read_json, read_tensors
 from slimtune.memory import TrafficCounter, module_bytes_by_role
 from slimtune.schema import Checked
 
@@ -47,6 +49,9 @@ class Adapted:
     the trainer's optimizer step → ``optimizer_step`` → scheduler step, ``zero_grad`` → ``on_step_end``.
     ``on_eval_start`` runs before every evaluation.
     """
+
+    state_file: ClassVar[str] = STATE_FILE
+    """The safetensors file :meth:`save` writes in its directory (LoRA: peft's ``adapter_model.safetensors``)."""
 
     def __init__(self, model: nn.Module, cfg: MethodConfig):
         self.model = model
@@ -92,6 +97,17 @@ class Adapted:
     def on_eval_start(self, step: int) -> None:
         """Before an evaluation at ``step`` steps completed."""
 
+    def step_state(self) -> list[torch.Tensor]:
+        """Tensors a step changes outside the optimizer (running input statistics updated in the forward):
+        the trainer copies them at the start of each step and puts them back when it skips the step."""
+        return []
+
+    def nonfinite_grad(self) -> str | None:
+        """The name of a trainable tensor whose gradient holds a NaN or inf, or None (the trainer asks after
+        ``after_backward`` and does not apply such a step; see ``train.on_nonfinite``). One reduction per
+        device in the common case; a method with gradients outside ``.grad`` (MEFT's rows) overrides."""
+        return first_nonfinite_grad(self.named_trainable_parameters())
+
     def extra_state_scalars(self) -> dict[str, float]:
         """Numbers from ``extra_state`` worth logging each step (e.g. a current omission rate)."""
         return {
@@ -131,10 +147,41 @@ class Adapted:
         return out
 
     def load(self, in_dir: str | Path) -> None:
+        """Read what :meth:`save` wrote into this method; a damaged file, another method's state or a tensor
+        of the wrong shape (another model or settings) is one :class:`UserError` naming the file."""
         in_dir = Path(in_dir)
-        self.load_state_dict(load_file(str(in_dir / STATE_FILE)))
-        meta = json.loads((in_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        meta = read_json(in_dir / CONFIG_FILE)
+        saved = meta.get("method", {}).get("name") if isinstance(meta.get("method"), dict) else None
+        if saved != self.cfg.name:
+            raise UserError(f"'{in_dir}': holds the state of method '{saved}', not of '{self.cfg.name}'")
+        state = read_tensors(in_dir / self.state_file)
+        self.check_state(state, in_dir / self.state_file)
+        self.load_state_dict(state)
         self.extra_state.update(meta.get("extra_state", {}))
+
+    def check_state(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
+        """Raise a :class:`UserError` naming ``source`` unless ``state`` has exactly this method's tensors
+        (:meth:`state_dict`) with their shapes."""
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {own[k]}"
+            for k in own
+            if k in state and tuple(state[k].shape) != own[k]
+        ]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of this method's tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})")
+        if shapes:
+            problems.append(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]}, saved vs model)")
+        if problems:
+            raise UserError(
+                f"'{source}': does not fit method '{self.cfg.name}' on this model: {'; '.join(problems)} "
+                "(saved from another model, method or settings?)"
+            )
 
     def merge(self) -> nn.Module:
         """A plain HF model with the method folded in (where the method allows it)."""
@@ -223,3 +270,11 @@ class MethodSpec:
         """Packages of ``needs`` (and ``cfg.needs()``) that are not installed."""
         wanted = self.needs + (cfg.needs() if cfg is not None else ())
         return [p for p in dict.fromkeys(wanted) if importlib.util.find_spec(p) is None]
+
+
+def first_nonfinite_grad(named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
+    """The first name whose tensor's ``.grad`` holds a NaN or inf (max-abs norm: no overflow from squaring)."""
+    named = [(n, p.grad) for n, p in named if p.grad is not None]
+    if not named or torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in named], float("inf"))):
+        return None
+    return next((n for n, g in named if not torch.isfinite(g).all()), named[0][0])

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from slimtune.methods.base import CONFIG_FILE, Adapted
@@ -40,6 +39,8 @@ def apply_full(model: nn.Module, cfg: FullConfig) -> FullAdapted:
 class LoraAdapted(Adapted):
     """A peft ``PeftModel``; saves in peft's own format so ``PeftModel.from_pretrained`` loads it."""
 
+    state_file = "adapter_model.safetensors"
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
@@ -60,12 +61,6 @@ class LoraAdapted(Adapted):
         meta = {"method": self.cfg.to_dict(), "extra_state": self.extra_state, **(extra_config or {})}
         (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         return out
-
-    def load(self, in_dir: str | Path) -> None:
-        in_dir = Path(in_dir)
-        self.load_state_dict(load_file(str(in_dir / "adapter_model.safetensors")))
-        meta = json.loads((in_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-        self.extra_state.update(meta.get("extra_state", {}))
 
     def merge(self) -> nn.Module:
         merged = copy.deepcopy(self.model).merge_and_unload()

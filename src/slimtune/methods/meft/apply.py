@@ -12,7 +12,7 @@ from torch import nn
 
 from slimtune.arch import layer_mlps
 from slimtune.errors import UserError
-from slimtune.methods.base import Adapted
+from slimtune.methods.base import Adapted, first_nonfinite_grad
 from slimtune.methods.meft.config import MEFTConfig
 from slimtune.methods.meft.layer import MEFTLayer, MEFTRun
 from slimtune.methods.meft.store import LayerStore
@@ -55,6 +55,12 @@ class MEFTAdapted(Adapted):
                 self.cfg.train_keys,
                 self.cfg.dense_emulation,
             )
+
+    def nonfinite_grad(self) -> str | None:
+        """The model's trainable tensors, then only the touched rows of each host store (not the whole store)."""
+        found = first_nonfinite_grad(Adapted.named_trainable_parameters(self))
+        bad = (f"meft_store.{i}" for i, st in enumerate(self.stores) if not st.grads_finite())
+        return found or next(bad, None)
 
     def on_step_end(self, step: int) -> None:
         rows = self.run.rows

@@ -107,6 +107,11 @@ class PSTAdapted(Adapted):
         out.update({n: b.detach() for n, b in self.model.named_buffers() if _is_pst_buffer(n)})
         return out
 
+    def step_state(self) -> list[torch.Tensor]:
+        """score_prior wanda: the input statistics each training forward adds to (a skipped step's batch, e.g.
+        one with NaN activations, must not stay in them)."""
+        return [b for n, b in self.model.named_buffers() if n.endswith(("pst_in_sq", "pst_in_count"))]
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         buffers = dict(self.model.named_buffers())
         self.require_complete(state)
