@@ -198,13 +198,12 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    from slimtune.files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file '{path}': no such file")
+    text = read_text(path, "config file ")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"config file '{path}': not UTF-8 text (byte {err.start})") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

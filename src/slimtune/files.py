@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slimtune.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by the callers; reading JSON or YAML does not need it
+    import torch
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -24,22 +26,29 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"'{path}': file not found")
+        raise UserError(f"'{path}': no such file")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise UserError(f"'{path}': not a readable safetensors file ({_first_line(err)})") from None
 
 
+def read_text(path: str | Path, what: str = "") -> str:
+    """The UTF-8 text of ``path``, or one UserError ("``what`` 'path': ...") for a missing or non-UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what}'{path}': no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what}'{path}': not UTF-8 text (byte {err.start})") from None
+
+
 def read_json(path: str | Path) -> dict:
     """A JSON object from ``path``, or one UserError naming the file (and the line of a syntax error)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"'{path}': file not found")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"'{path}': not UTF-8 text (byte {err.start})") from None
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise UserError(f"'{path}' line {err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(value, dict):
