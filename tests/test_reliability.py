@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import signal
@@ -160,17 +161,35 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint():
     assert verify(t.run_dir / CKPT)[0]["step"] == 1
 
 
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into a read-only directory anyway (CI runs as root)"
+)
+def test_a_read_only_run_directory_keeps_the_previous_checkpoint():
+    t = _trainer("lora")
+    t.train_step()
+    t.save_checkpoint()
+    t.train_step()
+    t.run_dir.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="cannot write .*previous checkpoint .* is intact"):
+            t.save_checkpoint()
+    finally:
+        t.run_dir.chmod(0o700)
+    assert verify(t.run_dir / CKPT)[0]["step"] == 1
+
+
 # ---------------------------------------------------------------- non-finite loss and gradient
-def _poison_grad(adapted, at_step: int):
-    """After the backward of step ``at_step`` (0-based), one gradient entry that is in use becomes NaN."""
+def _poison_grad(adapted, at_step: int, prefix: str = ""):
+    """After the backward of step ``at_step`` (0-based), one gradient entry that is in use (of the first tensor
+    whose name starts with ``prefix``) becomes NaN."""
     real = adapted.after_backward
 
     def after_backward(step):
         real(step)
         if step != at_step:
             return
-        for _, p in adapted.named_trainable_parameters():
-            if p.grad is not None and p.grad.abs().sum() > 0:
+        for name, p in adapted.named_trainable_parameters():
+            if name.startswith(prefix) and p.grad is not None and p.grad.abs().sum() > 0:
                 i = int(p.grad.flatten().abs().argmax())
                 p.grad.view(-1)[i] = float("nan")
                 return
@@ -213,6 +232,16 @@ def test_a_nonfinite_step_is_skipped(method, fault):
     assert not _same(after, before) and all(torch.isfinite(v).all() for v in after.values())
     logged = [json.loads(x) for x in (t.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "nonfinite" in r] == [2]
+
+
+def test_meft_skips_a_nonfinite_host_row_gradient():
+    """The NaN sits in a touched row of MEFT's host store (updated by its own lazy Adam, not the optimizer)."""
+    t = _trainer("meft")
+    t.train_step()
+    _poison_grad(t.adapted, 1, prefix="meft_store.")
+    before = _trained(t.adapted)
+    t.train_step()
+    assert t.skipped == 1 and _same(_trained(t.adapted), before)
 
 
 @pytest.mark.parametrize("method", ["lora", "meft", "pst"])
