@@ -122,7 +122,10 @@ def kill_and_resume(cfg: Path, run: Path, kills: int, rng: random.Random, delay:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         soak.kills += 1
-        soak.during_save += (run / TMP).is_dir()
+        tmp = run / TMP
+        soak.during_save += (
+            tmp.is_dir() and tmp.stat().st_mtime >= since
+        )  # this launch's write, not a leftover
         soak.steps_at_kill.append(_step_reached(run))
         soak.unusable_found += sum(
             (run / n).is_dir() and verify(run / n)[1] is not None for n in (CKPT, PREV)

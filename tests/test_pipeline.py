@@ -245,32 +245,17 @@ def test_choice_pass_gives_the_same_eval_loss(tiny_model_dir, tiny_tok):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_with_accelerate_launch(tiny_model_dir, instr_jsonl, tmp_path):
-    """`accelerate launch` with 2 CPU processes: one run directory, written once, ranks in step."""
+def test_ddp_two_processes_with_torchrun(tiny_model_dir, instr_jsonl, tmp_path):
+    """`torchrun --nproc_per_node 2` on the CPU (gloo): one run directory, written once, two ranks in step.
+    (`accelerate launch --cpu --num_processes 2` starts a single process: accelerate's CPU launcher.)"""
     import subprocess
     import sys
     from pathlib import Path
 
     cfg = _write_cfg(tmp_path, tiny_model_dir, instr_jsonl, tmp_path / "runs" / "ddp-{time}", batch_size=2)
-    launcher = Path(sys.executable).parent / "accelerate"
+    torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run(
-        [
-            str(launcher),
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "slimtune.cli",
-            "train",
-            str(cfg),
-        ],
+        [str(torchrun), "--nproc_per_node", "2", "-m", "slimtune.cli", "train", str(cfg)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -279,6 +264,7 @@ def test_ddp_two_processes_with_accelerate_launch(tiny_model_dir, instr_jsonl, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
+    assert json.loads((runs[0] / "results.json").read_text())["processes"] == 2
     logs = [json.loads(line) for line in (runs[0] / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
     assert proc.stdout.count("before: eval loss") == 1

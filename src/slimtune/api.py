@@ -130,7 +130,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     from accelerate import PartialState
 
     spec = require_trainer(cfg.method.name, "train")  # a workflow (PEMA) is refused before anything loads
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # MULTI_CPU (gloo) under torchrun on CPUs
     main = state.is_main_process
     say = _say if main else (lambda *_: None)
     t0 = time.perf_counter()
@@ -192,6 +192,7 @@ def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: P
         "train_wall_s": result.train_s,
         "total_wall_s": time.perf_counter() - facts["t0"],
         "tokens": result.tokens,
+        "processes": trainer.acc.num_processes,
         "peak_bytes": result.peak_bytes,
         "runtime_rss_bytes": facts["runtime_rss_bytes"],
         "trainable_params": facts["trainable_params"],

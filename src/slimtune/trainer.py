@@ -229,7 +229,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         adapted.on_step_end(self.step)
-        return sum(losses) / len(losses), tokens, grad_norm
+        loss = sum(losses) / len(losses)
+        if self.acc.num_processes > 1:  # report the global batch's loss (mean of the ranks'), not rank 0's
+            loss = float(self.acc.reduce(torch.tensor([loss], device=self.acc.device), "mean")[0])
+        return loss, tokens, grad_norm
 
     def _nonfinite(self, losses: list[float]) -> str | None:
         """What is non-finite in this step (the loss, or a named gradient), or None; agreed by every rank."""

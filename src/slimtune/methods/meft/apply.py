@@ -38,6 +38,13 @@ class MEFTAdapted(Adapted):
         for st in self.stores:
             st.zero_grad()
 
+    def after_backward(self, step: int) -> None:
+        """Under data parallelism, the host rows' gradients are averaged over the ranks (the stores are outside
+        the model, so DDP does not see them); over gloo, a CPU process group beside a GPU run's NCCL one."""
+        group = _host_group()
+        for st in self.stores:
+            st.all_reduce_rows(group)
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The lazy Adam of the touched host rows, with the trainer's current lr, betas, eps and weight decay."""
         group = optimizer.param_groups[0]
@@ -144,3 +151,18 @@ def apply_meft(model: nn.Module, cfg: MEFTConfig) -> MEFTAdapted:
 
     model.register_forward_pre_hook(pre_forward, with_kwargs=True)
     return adapted
+
+
+_HOST_GROUP: list = []
+
+
+def _host_group():
+    """A gloo process group for the host stores' CPU tensors (None: the default group, when it is gloo or when
+    there is no process group); created once, collectively, on the first step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]

@@ -51,6 +51,24 @@ class LayerStore:
         self.touched[rows] = True
 
     @torch.no_grad()
+    def all_reduce_rows(self, group=None) -> None:
+        """Data parallel: every rank ends with the union of the rows touched on any rank and, for those rows,
+        the mean of the ranks' gradients (what DDP does for the model's parameters), so each rank's lazy Adam
+        makes the same update. Only the union rows travel; a no-op in a single process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return
+        touched = self.touched.to(torch.int32)
+        dist.all_reduce(touched, op=dist.ReduceOp.MAX, group=group)
+        self.touched.copy_(touched.bool())
+        rows = self.touched.nonzero().flatten()
+        for p in (self.keys, self.values):
+            g = p.grad[rows].contiguous()
+            dist.all_reduce(g, group=group)
+            p.grad[rows] = g.div_(dist.get_world_size(group))
+
+    @torch.no_grad()
     def adam_step(
         self,
         lr: float,

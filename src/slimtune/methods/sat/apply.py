@@ -108,7 +108,7 @@ class SATController:
                 scores = (mlp_scores if kind == "mlp" else head_scores)(
                     module, x, self.token_mask, self.cfg.metric
                 )
-            s = scores
+            s = _mean_over_ranks(scores)
             n = s.numel()
             floor = self.cfg.min_keep_mlp if kind == "mlp" else self.cfg.min_keep_heads
             idx = choose(
@@ -124,6 +124,18 @@ class SATController:
         self.kept_total[kind][0] += idx.numel()
         self.kept_total[kind][1] += n
         return idx
+
+
+def _mean_over_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Data parallel: the importance scores averaged over the ranks, so every rank keeps the same neurons (those
+    a single process would keep for the whole global batch) and DDP's averaged gradients stay consistent."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return scores
+    total = scores.detach().float().clone()
+    dist.all_reduce(total)
+    return total.div_(dist.get_world_size()).to(scores.dtype)
 
 
 def _sliced_mlp(
