@@ -45,3 +45,38 @@ def _initial(method: str) -> dict:
     from slimtune.capabilities import adapt
 
     return {k: v.detach().float() for k, v in adapt(method, "llama").state_dict().items()}
+
+
+def test_docs_show_the_engine_table_the_code_enforces():
+    from slimtune.engines import render
+
+    doc = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text()
+    begin, end = "<!-- engines:begin -->\n", "<!-- engines:end -->"
+    assert doc[doc.index(begin) + len(begin) : doc.index(end)] == render()
+
+
+@pytest.mark.parametrize(
+    "env, engine",
+    [
+        ({}, "single"),
+        ({"WORLD_SIZE": "2"}, "ddp"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}, "fsdp"),
+        ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, "deepspeed"),
+    ],
+)
+def test_the_launched_engine_is_read_from_the_launcher(env, engine):
+    from slimtune.engines import launched_engine
+
+    assert launched_engine(env) == engine
+
+
+def test_an_unsupported_pair_exits_2_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from slimtune.cli import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name: {tmp_path}/no-such-model}}\nmethod: {{name: meft}}\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("slimtune: error: method 'meft' under fsdp: ") and "torchrun" in err
+    assert "no-such-model" not in err  # refused before the model path is even looked at

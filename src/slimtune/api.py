@@ -15,6 +15,7 @@ import torch
 from slimtune import config as C
 from slimtune import memory, models
 from slimtune.data import load_split
+from slimtune.engines import require_supported
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult
 from slimtune.files import read_json, save_atomic, write_atomic
@@ -130,6 +131,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     from accelerate import PartialState
 
     spec = require_trainer(cfg.method.name, "train")  # a workflow (PEMA) is refused before anything loads
+    require_supported(cfg.method.name)  # and a method the launched engine (FSDP, DeepSpeed) cannot run
     state = PartialState(cpu=not torch.cuda.is_available())  # MULTI_CPU (gloo) under torchrun on CPUs
     main = state.is_main_process
     say = _say if main else (lambda *_: None)
