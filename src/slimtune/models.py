@@ -204,10 +204,33 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype):
 
 
 def _cached_alias(name: str) -> Path:
-    """Directory holding the plain safetensors copy of an alias; created on first use."""
+    """Directory holding the plain safetensors copy of an alias; created on first use. Under several processes
+    (torchrun, accelerate) one process per machine converts while the others wait, then all read it."""
+    import torch.distributed as dist
+
     target = cache_dir() / name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _complete(target):
         return target
+    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    converts = not ranks or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    try:
+        if converts:
+            _convert_alias(name, target)
+    finally:
+        if ranks:
+            dist.barrier()
+    if not _complete(target):
+        raise UserError(
+            f"model.name '{name}': the converted copy in {target} is incomplete (see the error above)"
+        )
+    return target
+
+
+def _complete(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def _convert_alias(name: str, target: Path) -> None:
     gguf = alias_source(name)
     log.warning("first use of '%s': dequantizing %s into %s (once)", name, ALIASES[name].gguf_file, target)
     try:
@@ -218,16 +241,18 @@ def _cached_alias(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        # is_main_process: transformers writes no weights from a non-zero rank, and this process is the writer
+        model.save_pretrained(tmp, is_main_process=True)
         tok.save_pretrained(tmp)
-        if target.exists():  # another process won the race; keep theirs
+        if _complete(target):  # another process (a concurrent job) won the race; keep theirs
             shutil.rmtree(tmp)
         else:
+            if target.exists():  # an incomplete copy (a killed conversion): replace it
+                shutil.rmtree(target)
             tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:

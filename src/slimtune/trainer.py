@@ -230,8 +230,11 @@ class Trainer:
         self.step += 1
         adapted.on_step_end(self.step)
         loss = sum(losses) / len(losses)
-        if self.acc.num_processes > 1:  # report the global batch's loss (mean of the ranks'), not rank 0's
-            loss = float(self.acc.reduce(torch.tensor([loss], device=self.acc.device), "mean")[0])
+        if self.acc.num_processes > 1:  # report the global batch (mean loss of the ranks, all their tokens)
+            both = self.acc.reduce(
+                torch.tensor([loss, tokens], dtype=torch.float64, device=self.acc.device), "sum"
+            )
+            loss, tokens = float(both[0]) / self.acc.num_processes, int(both[1])
         return loss, tokens, grad_norm
 
     def _nonfinite(self, losses: list[float]) -> str | None:
