@@ -26,7 +26,9 @@ _DEEPSPEED = (
     "not built yet: the trainer does not drive DeepSpeed's engine (DeepSpeed 0.19.8 itself installs from PyPI and "
     "runs ZeRO-2 with 2 CPU processes over gloo here, so it can be tested)"
 )
-_MEFT_SHARD = "MEFT's adapter lives in host memory outside the model: there is nothing for FSDP or ZeRO to shard"
+_MEFT_SHARD = (
+    "MEFT's adapter lives in host memory outside the model: there is nothing for FSDP or ZeRO to shard"
+)
 
 
 def status(method: str, engine: str) -> tuple[bool, str]:
