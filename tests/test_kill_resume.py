@@ -235,3 +235,33 @@ def test_a_second_sigint_exits_at_once(tiny_model_dir, instr_jsonl, tmp_path):
     assert "again: exiting now" in err
     path, manifest = latest_checkpoint(run)  # whatever it was doing, a good checkpoint remains
     assert manifest["step"] >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step(tiny_model_dir, instr_jsonl, tmp_path):
+    """A scheduler's SIGTERM to `torchrun` reaches both ranks; they agree on the step, rank 0 saves it, and the
+    resumed 2-process run ends where an uninterrupted 2-process run ends."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "slimtune.cli"]
+
+    def run2(args: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(
+            [*torchrun, "train", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    straight = tmp_path / "ddp-straight"
+    proc = run2([str(write_config(tmp_path, tiny_model_dir, instr_jsonl, "lora", straight, batch_size=2))])
+    assert proc.wait(timeout=600) == 0, proc.communicate()[1][-2000:]
+    run = tmp_path / "ddp-stopped"
+    proc = run2(
+        [str(write_config(tmp_path, tiny_model_dir, instr_jsonl, "lora", run, batch_size=2, save_every=0))]
+    )
+    _wait_for_step(proc, run, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM after step" in err, err[-3000:]
+    assert 1 <= json.loads((run / CKPT / "trainer_state.json").read_text())["step"] < STEPS
+    proc = run2(["--resume", str(run)])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    check_same_run(straight, run)
