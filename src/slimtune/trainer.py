@@ -238,9 +238,12 @@ class Trainer:
         return loss, tokens, grad_norm
 
     def _nonfinite(self, losses: list[float]) -> str | None:
-        """What is non-finite in this step (the loss, or a named gradient), or None; agreed by every rank."""
+        """What is non-finite in this step (the loss, or a named gradient), or None; agreed by every rank.
+        Under fp16 loss scaling the gradients are left to the scaler: an inf there is its signal to lower the
+        scale (it skips that step itself), not a fault."""
         bad = next((f"loss {x}" for x in losses if not math.isfinite(x)), None)
-        bad = bad or (f"gradient of {name}" if (name := self.adapted.nonfinite_grad()) else None)
+        if bad is None and getattr(self.acc, "scaler", None) is None:
+            bad = f"gradient of {name}" if (name := self.adapted.nonfinite_grad()) else None
         if self.acc.num_processes > 1:
             flags = self.acc.reduce(torch.tensor([float(bad is not None)], device=self.acc.device), "sum")
             bad = bad or ("a non-finite loss or gradient on another rank" if float(flags[0]) else None)
