@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimtune.errors import UserError
-from slimtune.files import fsync_dir, fsync_file, read_json, read_tensors, sha256
+from slimtune.files import error_text, fsync_dir, fsync_file, read_json, read_tensors, sha256, write_durable
 from slimtune.methods.base import Adapted
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def save_checkpoint(
         where = getattr(err, "filename", None) or tmp
         kept = run_dir / CKPT if (run_dir / CKPT).is_dir() else None
         raise UserError(
-            f"checkpoint: cannot write '{where}' ({_reason(err)}); "
+            f"checkpoint: cannot write '{where}' ({error_text(err)}); "
             + (f"the previous checkpoint '{kept}' is intact" if kept else "no earlier checkpoint exists")
         ) from None
     return run_dir / CKPT
@@ -81,7 +81,7 @@ def _write_contents(out: Path, adapted: Adapted, optimizer, scheduler, state: di
     save_file(rng, str(out / "rng.safetensors"))
     py_state = random.getstate()
     state = {**state, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
-    _write_text(out / "trainer_state.json", _dumps(state))
+    write_durable(out / "trainer_state.json", json.dumps(state, indent=2))
     _delay()
 
 
@@ -92,8 +92,9 @@ def _write_manifest(out: Path, step: int, identity: dict) -> None:
         files[path.relative_to(out).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
     for d in {p.parent for p in out.rglob("*")} | {out}:
         fsync_dir(d)
-    _write_text(out / MANIFEST, _dumps({"layout": LAYOUT, "step": step, **identity, "files": files}))
-    fsync_file(out / MANIFEST)
+    write_durable(
+        out / MANIFEST, json.dumps({"layout": LAYOUT, "step": step, **identity, "files": files}, indent=2)
+    )
 
 
 def _rotate(run_dir: Path) -> None:
@@ -110,8 +111,8 @@ def _rotate(run_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def verify(ckpt: Path) -> tuple[dict | None, str | None]:
-    """(manifest, None) for a complete checkpoint whose files match its manifest, else (None, what is wrong)."""
+def _read_manifest(ckpt: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why) where it is missing, malformed or of another layout (no file is hashed)."""
     if not (ckpt / MANIFEST).is_file():
         if (ckpt / "trainer_state.json").is_file():
             return None, "no manifest.json: written by an older slimtune (checkpoint layout 1)"
@@ -120,25 +121,41 @@ def verify(ckpt: Path) -> tuple[dict | None, str | None]:
         manifest = read_json(ckpt / MANIFEST)
         if manifest.get("layout") != LAYOUT:
             return None, f"checkpoint layout {manifest.get('layout')!r}, this slimtune reads layout {LAYOUT}"
-        files = manifest["files"]
-        int(manifest["step"])
-        for rel in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng.safetensors"):
-            if rel not in files:
-                return None, f"manifest.json does not list {rel}"
-        for rel, info in files.items():
-            path = ckpt / rel
-            if not path.is_file():
-                return None, f"{rel} is missing"
-            size = path.stat().st_size
-            if size != info["bytes"]:
-                return None, f"{rel} has {size} bytes where the manifest says {info['bytes']} (a torn write?)"
-            if sha256(path) != info["sha256"]:
-                return None, f"{rel} does not match its checksum (damaged or edited)"
+        manifest["step"] = int(manifest["step"])
+        if not isinstance(manifest["files"], dict):
+            raise TypeError
     except UserError as err:
         return None, str(err)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None, "manifest.json is malformed"
     return manifest, None
+
+
+def _check_files(ckpt: Path, files: dict) -> str | None:
+    """What is wrong with the files the manifest lists (missing, torn, altered), or None."""
+    for rel in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng.safetensors"):
+        if rel not in files:
+            return f"manifest.json does not list {rel}"
+    try:
+        for rel, info in files.items():
+            path = ckpt / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                return f"{rel} has {size} bytes where the manifest says {info['bytes']} (a torn write?)"
+            if sha256(path) != info["sha256"]:
+                return f"{rel} does not match its checksum (damaged or edited)"
+    except (KeyError, TypeError):
+        return "manifest.json is malformed"
+    return None
+
+
+def verify(ckpt: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None) for a complete checkpoint whose files match its manifest, else (None, what is wrong)."""
+    manifest, why = _read_manifest(ckpt)
+    why = why or _check_files(ckpt, manifest["files"])
+    return (None, why) if why else (manifest, None)
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
@@ -147,28 +164,38 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     A newer one that fails verification is skipped with a warning naming it and why; if checkpoints exist but
     none verifies, one :class:`UserError`.
     """
-    good, bad = [], []
+    candidates, bad = [], []
     for name in (CKPT, TMP, PREV):  # a kill between two renames leaves the newest one in TMP
         path = Path(run_dir) / name
-        if not path.is_dir():
-            continue
-        manifest, why = verify(path)
-        (good.append((manifest["step"], path, manifest)) if why is None else bad.append((path, why)))
-    if not good:
+        if path.is_dir():
+            manifest, why = _read_manifest(path)
+            if why is None:
+                candidates.append((path, manifest))
+            else:
+                bad.append((path, why))
+    found = None
+    # newest first (a stable sort: checkpoint before tmp before prev on a tie); hash only until one is good
+    for path, manifest in sorted(candidates, key=lambda c: -c[1]["step"]):
+        why = _check_files(path, manifest["files"])
+        if why is None:
+            found = (path, manifest)
+            break
+        bad.append((path, why))
+    if found is None:
         usable = [(p, w) for p, w in bad if p.name != TMP]
         if usable:
             path, why = usable[0]
             raise UserError(f"checkpoint '{path}': {why}; no usable checkpoint to resume from")
         return None
-    step, best, manifest = max(good, key=lambda g: g[0])
     for path, why in bad:
         if path.name == TMP:
             log.info("discarding an unfinished checkpoint write '%s' (%s)", path, why)
         else:
             log.warning(
-                "checkpoint '%s' is unusable (%s); resuming from '%s' (step %d)", path, why, best, step
-            )
-    return best, manifest
+                "checkpoint '%s' is unusable (%s); resuming from '%s' (step %d)",
+                path, why, found[0], found[1]["step"],
+            )  # fmt: skip
+    return found
 
 
 def load_checkpoint(
@@ -192,7 +219,7 @@ def load_checkpoint(
         scheduler.load_state_dict(_torch_load(ckpt / "scheduler.pt"))
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(
-            f"checkpoint '{ckpt}': optimizer state does not fit this run ({_reason(err)})"
+            f"checkpoint '{ckpt}': optimizer state does not fit this run ({error_text(err)})"
         ) from None
     rng = read_tensors(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
@@ -211,7 +238,7 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # the restricted unpickler's errors, a truncated zip, ...
-        raise UserError(f"'{path}': not a readable optimizer/scheduler state ({_reason(err)})") from None
+        raise UserError(f"'{path}': not a readable optimizer/scheduler state ({error_text(err)})") from None
 
 
 def _cuda_index(key: str) -> int:
@@ -227,24 +254,6 @@ def _is_write_failure(err: Exception) -> bool:
     return type(err).__name__ == "SafetensorError" or (
         isinstance(err, RuntimeError) and ("write" in text or "file" in text)
     )
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, indent=2)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _delay() -> None:

@@ -63,6 +63,13 @@ def require_supported(method: str, env: Mapping[str, str] | None = None) -> None
         )
 
 
+def world_size(group=None) -> int:
+    """Processes in ``group`` (the default group) of an initialised torch.distributed job; 1 otherwise."""
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
 def render() -> str:
     """The method × engine table of docs/distributed.md."""
     notes: list[str] = []

@@ -30,7 +30,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"'{path}': not a readable safetensors file ({_first_line(err)})") from None
+        raise UserError(f"'{path}': not a readable safetensors file ({error_text(err)})") from None
 
 
 def read_text(path: str | Path, what: str = "") -> str:
@@ -81,14 +81,19 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def write_durable(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` and fsync it."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` by writing a sibling and renaming it (a kill leaves old or new, never half)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_durable(tmp, text)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -114,6 +119,9 @@ def save_atomic(adapted, out_dir: str | Path, extra_config: dict | None = None) 
     return out
 
 
-def _first_line(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
+    """A library error as a short phrase for a one-line message: an OS error's text, else the first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__

@@ -179,7 +179,7 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype):
     """An HF model directory: config and tokenizer checked first, so a damaged one is one line naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimtune.files import read_json
+    from slimtune.files import error_text, read_json
 
     if not (path / "config.json").is_file():
         raise UserError(f"model.name '{name}': directory has no config.json (not an HF model)")
@@ -191,15 +191,11 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"model.name '{name}': the tokenizer does not load ({str(err).splitlines()[0][:200]})"
-        ) from None
+        raise UserError(f"model.name '{name}': the tokenizer does not load ({error_text(err)})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"model.name '{name}': the model does not load ({str(err).splitlines()[0][:200]})"
-        ) from None
+        raise UserError(f"model.name '{name}': the model does not load ({error_text(err)})") from None
     return model, tok
 
 
@@ -208,10 +204,12 @@ def _cached_alias(name: str) -> Path:
     (torchrun, accelerate) one process per machine converts while the others wait, then all read it."""
     import torch.distributed as dist
 
+    from slimtune.engines import world_size
+
     target = cache_dir() / name
     if _complete(target):
         return target
-    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ranks = world_size() > 1
     converts = not ranks or int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
     try:
         if converts:

@@ -57,7 +57,10 @@ class LayerStore:
         makes the same update. Only the union rows travel; a no-op in a single process."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        from slimtune.engines import world_size
+
+        world = world_size(group)
+        if world == 1:
             return
         touched = self.touched.to(torch.int32)
         dist.all_reduce(touched, op=dist.ReduceOp.MAX, group=group)
@@ -66,7 +69,7 @@ class LayerStore:
         for p in (self.keys, self.values):
             g = p.grad[rows].contiguous()
             dist.all_reduce(g, group=group)
-            p.grad[rows] = g.div_(dist.get_world_size(group))
+            p.grad[rows] = g.div_(world)
 
     @torch.no_grad()
     def adam_step(

@@ -131,11 +131,14 @@ def _mean_over_ranks(scores: torch.Tensor) -> torch.Tensor:
     a single process would keep for the whole global batch) and DDP's averaged gradients stay consistent."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    from slimtune.engines import world_size
+
+    world = world_size()
+    if world == 1:
         return scores
     total = scores.detach().float().clone()
     dist.all_reduce(total)
-    return total.div_(dist.get_world_size()).to(scores.dtype)
+    return total.div_(world).to(scores.dtype)
 
 
 def _sliced_mlp(
