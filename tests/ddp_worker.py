@@ -1,7 +1,11 @@
-"""One side of the DDP equivalence tests (tests/test_distributed.py), run as
-``torchrun --nproc_per_node N tests/ddp_worker.py METHOD STEPS OUT_DIR``: N processes train a tiny Llama with the
-real Trainer on one global batch of 4 equal-length rows (4 / N per rank); rank 0 writes the per-step losses the
-trainer reports and the final method state."""
+"""One side of the multi-process equivalence tests (tests/test_distributed.py), run as
+``torchrun --nproc_per_node N tests/ddp_worker.py METHOD STEPS OUT_DIR [ENGINE [SAVE_AT]]``: N processes train a
+tiny Llama with the real Trainer under ENGINE (ddp or fsdp; default ddp) on one global batch of 4 equal-length rows
+(4 / N per rank); rank 0 writes the per-step losses the trainer reports and the final method state (gathered whole
+under FSDP). SAVE_AT: save a checkpoint into OUT_DIR/run after that many steps, then build a fresh trainer that
+resumes from it for the remaining steps (the state must survive the round trip); -1: resume the checkpoint
+OUT_DIR/run already holds (written by another run) and train to STEPS. SLIMTUNE_TEST_GRAD_CKPT=1: with gradient
+checkpointing."""
 
 from __future__ import annotations
 
@@ -16,18 +20,49 @@ from safetensors.torch import save_file
 from slimtune.capabilities import SETTINGS, adapt, batch, trainer_for
 
 
-def main(method: str, steps: int, out: Path) -> None:
-    torch.set_num_threads(1)
+def _trainer(method: str, steps: int, engine: str, run_dir: Path, resume: bool = False):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     adapted = adapt(method, "llama")
-    trainer = trainer_for(adapted, steps, SETTINGS[method][1], batch(b=4), batch_size=4 // world)
+    data = batch(b=4)
+    trainer = trainer_for(
+        adapted,
+        steps,
+        SETTINGS[method][1],
+        data,
+        run_dir=run_dir,
+        resume=resume,
+        batch_size=4 // world,
+        engine=engine,
+        grad_checkpointing=os.environ.get("SLIMTUNE_TEST_GRAD_CKPT") == "1",
+    )
     trainer.model.train()
-    losses = [trainer.train_step()[0] for _ in range(steps)]
-    if trainer.acc.is_main_process:
+    return adapted, trainer
+
+
+def main(method: str, steps: int, out: Path, engine: str = "ddp", save_at: int = 0) -> None:
+    torch.set_num_threads(1)
+    run_dir = out / "run"
+    if save_at < 0:  # resume what OUT_DIR/run holds (written by another run) to the end
+        adapted, trainer = _trainer(method, steps, engine, run_dir, resume=True)
+        trainer._resume()
+        losses = [trainer.train_step()[0] for _ in range(steps - trainer.step)]
+        save_at = 0
+    else:
+        adapted, trainer = _trainer(method, steps, engine, run_dir)
+        losses = [trainer.train_step()[0] for _ in range(save_at or steps)]
+    if save_at:
+        trainer.save_checkpoint()
+        adapted, trainer = _trainer(method, steps, engine, run_dir, resume=True)
+        trainer._resume()
+        assert trainer.step == save_at, trainer.step
+        losses += [trainer.train_step()[0] for _ in range(steps - save_at)]
+    with trainer.whole_model():
         state = {k: v.detach().float().contiguous().cpu() for k, v in adapted.state_dict().items()}
+    if trainer.acc.is_main_process:
         save_file(state, str(out / "state.safetensors"))
-        (out / "losses.json").write_text(json.dumps({"losses": losses, "world": world}))
+        rec = {"losses": losses, "world": trainer.acc.num_processes, "sharded": trainer.sharded}
+        (out / "losses.json").write_text(json.dumps(rec))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:5], *map(int, sys.argv[5:6]))

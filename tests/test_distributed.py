@@ -4,6 +4,8 @@ same final method state as a single process, for every trainer method under DDP.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,33 +14,86 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slimtune.engines import FSDP_METHODS
+
 WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS = 4
 TOL = 2e-5  # float summation order differs between one process and a gloo all-reduce of two
 
 
-def _run(method: str, procs: int, out: Path) -> tuple[list[float], dict]:
+def _run(
+    method: str, procs: int, out: Path, engine: str = "ddp", save_at: int = 0, env: dict | None = None
+) -> tuple[list[float], dict]:
     out.mkdir(parents=True)
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", str(procs), str(WORKER), method, str(STEPS), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [str(torchrun), "--nproc_per_node", str(procs), str(WORKER), method, str(STEPS), str(out), engine]
+    cmd += [str(save_at)] if save_at else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((out / "losses.json").read_text())
     assert rec["world"] == procs
+    assert rec["sharded"] == (engine == "fsdp" and procs > 1)
     return rec["losses"], load_file(str(out / "state.safetensors"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora", "qlora", "qst", "sat", "pst", "meft"])
-def test_two_ddp_processes_train_like_one(method, tmp_path):
-    one_losses, one = _run(method, 1, tmp_path / "one")
-    two_losses, two = _run(method, 2, tmp_path / "two")
+def _same(method: str, one: tuple[list[float], dict], two: tuple[list[float], dict]) -> None:
+    (one_losses, one), (two_losses, two) = one, two
     assert two_losses == pytest.approx(one_losses, rel=TOL, abs=TOL)
     assert one.keys() == two.keys()
     worst = max((float((one[k] - two[k]).abs().max()), k) for k in one)
     assert worst[0] <= 1e-4, f"largest difference {worst[0]:.2e} in {worst[1]}"
     moved = _initial(method)
     assert any(not torch.equal(moved[k], one[k]) for k in one), "nothing trained"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "qst", "sat", "pst", "meft"])
+def test_two_ddp_processes_train_like_one(method, tmp_path):
+    _same(method, _run(method, 1, tmp_path / "one"), _run(method, 2, tmp_path / "two"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", FSDP_METHODS)
+def test_two_fsdp_processes_train_like_one(method, tmp_path):
+    """FSDP2 shards every parameter over the two ranks; the losses and the gathered method state are one
+    process's. The second half runs in a new trainer resumed from the checkpoint the first half wrote."""
+    one = _run(method, 1, tmp_path / "one", "fsdp")
+    _same(method, one, _run(method, 2, tmp_path / "two", "fsdp", save_at=STEPS // 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_with_gradient_checkpointing_train_like_one(engine, tmp_path):
+    ckpt = {"SLIMTUNE_TEST_GRAD_CKPT": "1"}
+    one = _run("lora", 1, tmp_path / "one", engine, env=ckpt)
+    _same("lora", one, _run("lora", 2, tmp_path / "two", engine, env=ckpt))
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path):
+    """A checkpoint written under FSDP is the single-process format: one process resumes it."""
+    _run("full", 2, tmp_path / "two", "fsdp", save_at=STEPS // 2)
+    one = _run("full", 1, tmp_path / "one", "fsdp")
+    run = tmp_path / "two" / "run"
+    (tmp_path / "three").mkdir()
+    shutil.copytree(run, tmp_path / "three" / "run")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "1",
+        str(WORKER),
+        "full",
+        str(STEPS),
+        str(tmp_path / "three"),
+        "fsdp",
+    ]
+    proc = subprocess.run(cmd + ["-1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "three" / "losses.json").read_text())
+    assert rec["losses"] == pytest.approx(one[0][STEPS // 2 :], rel=TOL, abs=TOL)
+    three = load_file(str(tmp_path / "three" / "state.safetensors"))
+    assert max(float((one[1][k] - three[k]).abs().max()) for k in three) <= 1e-4
 
 
 def _initial(method: str) -> dict:
@@ -80,3 +135,24 @@ def test_an_unsupported_pair_exits_2_before_the_model_loads(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.startswith("slimtune: error: method 'meft' under fsdp: ") and "torchrun" in err
     assert "no-such-model" not in err  # refused before the model path is even looked at
+
+
+@pytest.mark.parametrize(
+    "method, extra, says",
+    [
+        ("meft", "train.engine=fsdp", "method 'meft' under fsdp: "),
+        ("lora", "train.mixed_precision=fp16 train.engine=fsdp", "train.mixed_precision: fp16 under fsdp: "),
+    ],
+)
+def test_an_unsupported_setting_exits_2_before_the_model_loads(
+    method, extra, says, tmp_path, monkeypatch, capsys
+):
+    from slimtune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before any process group
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name: {tmp_path}/no-such-model}}\nmethod: {{name: {method}}}\n")
+    assert main(["train", str(cfg), *extra.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"slimtune: error: {says}") and "\n" not in err
+    assert "no-such-model" not in err

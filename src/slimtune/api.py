@@ -131,7 +131,9 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     from accelerate import PartialState
 
     spec = require_trainer(cfg.method.name, "train")  # a workflow (PEMA) is refused before anything loads
-    require_supported(cfg.method.name)  # and a method the launched engine (FSDP, DeepSpeed) cannot run
+    require_supported(  # and a pair the engine cannot run
+        cfg.method.name, configured=cfg.train.engine, mixed_precision=cfg.train.mixed_precision
+    )
     state = PartialState(cpu=not torch.cuda.is_available())  # MULTI_CPU (gloo) under torchrun on CPUs
     main = state.is_main_process
     say = _say if main else (lambda *_: None)
@@ -152,7 +154,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     )
     trainer = Trainer(
         p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir,
-        identity={"base_model": cfg.model.name},
+        identity={"base_model": cfg.model.name}, resume=resume_dir is not None,
     )  # fmt: skip
     try:
         before = _eval_before(trainer, run_dir, resume_dir is not None, main)
@@ -162,15 +164,21 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         after = trainer.run_eval()
     finally:
         trainer.close()
-    if not main:
-        return {}
-    print_eval("after ", after)
-    print_samples(before, after)
-    facts = {"t0": t0, "runtime_rss_bytes": runtime, "trainable_params": n_train, "total_params": n_total}
-    results = _write_results(cfg, p, trainer, result, (before, after), run_dir, facts)
+    with trainer.whole_model():  # FSDP: every rank gathers, the main one saves
+        if not main:
+            return {}
+        print_eval("after ", after)
+        print_samples(before, after)
+        facts = {"t0": t0, "runtime_rss_bytes": runtime, "trainable_params": n_train, "total_params": n_total}
+        results = _write_results(cfg, p, trainer, result, (before, after), run_dir, facts)
     _say(
         f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
         f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}"
+        + (
+            " per rank: " + ", ".join(memory.fmt_bytes(b) for b in result.peak_bytes_per_rank)
+            if len(result.peak_bytes_per_rank) > 1
+            else ""
+        )
     )
     _say(f"saved: {results['saved']}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
     return results
@@ -196,6 +204,7 @@ def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: P
         "tokens": result.tokens,
         "processes": trainer.acc.num_processes,
         "peak_bytes": result.peak_bytes,
+        "peak_bytes_per_rank": result.peak_bytes_per_rank,
         "runtime_rss_bytes": facts["runtime_rss_bytes"],
         "trainable_params": facts["trainable_params"],
         "total_params": facts["total_params"],

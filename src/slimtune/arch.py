@@ -44,6 +44,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for _, m in base.named_children():
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return m
+    for _, m in model.named_modules():  # wrapped (a peft model): the first such list at any depth
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
     raise ValueError(f"{type(model).__name__}: no list of {n} decoder layers found")
 
 

@@ -60,8 +60,11 @@ def adapt(method: str, family: str, dtype: torch.dtype = torch.float32, **extra)
     return apply(tiny_model(family, dtype=dtype), make_config(method, **settings))
 
 
-def trainer_for(adapted, steps: int, lr: float, data: dict, **train):
-    """The real :class:`~slimtune.trainer.Trainer` over exactly ``data`` (every step sees the same rows)."""
+def trainer_for(
+    adapted, steps: int, lr: float, data: dict, run_dir: Path | None = None, resume: bool = False, **train
+):
+    """The real :class:`~slimtune.trainer.Trainer` over exactly ``data`` (every step sees the same rows),
+    writing into ``run_dir`` (default: a new temporary directory)."""
     from slimtune.config import TrainConfig
     from slimtune.data import Encoded
     from slimtune.trainer import Trainer
@@ -71,7 +74,8 @@ def trainer_for(adapted, steps: int, lr: float, data: dict, **train):
     cfg = TrainConfig(steps=steps, lr=lr, **{**opts, **train})
     enc = Encoded(rows, [list(r) for r in rows])
     pad = SimpleNamespace(pad_token_id=0)
-    return Trainer(adapted, pad, cfg, enc, Encoded([], []), [], None, Path(tempfile.mkdtemp()))
+    run_dir = run_dir or Path(tempfile.mkdtemp())
+    return Trainer(adapted, pad, cfg, enc, Encoded([], []), [], None, run_dir, resume=resume)
 
 
 def train(adapted, steps: int, lr: float, data: dict, **train_opts) -> list[float]:

@@ -39,11 +39,18 @@ DELAY_ENV = "SLIMTUNE_TEST_SAVE_DELAY_S"
 
 
 def save_checkpoint(
-    run_dir: Path, adapted: Adapted, optimizer, scheduler, state: dict, identity: dict | None = None
+    run_dir: Path,
+    adapted: Adapted,
+    optimizer,
+    scheduler,
+    state: dict,
+    identity: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write a checkpoint of ``state`` (``step``, ``data`` position, counters) and publish it atomically.
 
     ``identity`` (method, base model) goes into the manifest, so resuming with another one is refused.
+    ``optimizer_state``: what to save for the optimizer instead of its ``state_dict()`` (FSDP: the gathered one).
     A failed write (disk full, read-only, quota) removes the partial copy, keeps the previous checkpoints and
     raises one :class:`UserError` naming the path.
     """
@@ -53,7 +60,8 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _write_contents(tmp, adapted, optimizer, scheduler, state)
+        opt_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        _write_contents(tmp, adapted, opt_state, scheduler, state)
         _write_manifest(tmp, int(state["step"]), identity or {})
         _rotate(run_dir)
     except Exception as err:
@@ -69,10 +77,10 @@ def save_checkpoint(
     return run_dir / CKPT
 
 
-def _write_contents(out: Path, adapted: Adapted, optimizer, scheduler, state: dict) -> None:
+def _write_contents(out: Path, adapted: Adapted, optimizer_state: dict, scheduler, state: dict) -> None:
     adapted.save(out / "method")
     _delay()
-    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(optimizer_state, out / "optimizer.pt")
     _delay()
     torch.save(scheduler.state_dict(), out / "scheduler.pt")
     rng = {"torch": torch.get_rng_state()}

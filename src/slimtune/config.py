@@ -98,6 +98,10 @@ class TrainConfig(Checked):
     loss; the lowest peak at a measured speed cost (docs/memory.md)."""
     mixed_precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), no, bf16, fp16."""
+    engine: str = "auto"
+    """How the processes of a multi-process launch share the work: auto (what the launch says: DDP, or FSDP
+    under ``accelerate launch --use_fsdp``) | ddp | fsdp (FSDP2: parameters, gradients and optimizer state
+    sharded over the processes; docs/distributed.md). One process ignores it."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     save_every: int = 0
@@ -142,6 +146,7 @@ class TrainConfig(Checked):
             )
         out += choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         out += choice("memory", self.memory, ("standard", "low"))
+        out += choice("engine", self.engine, ("auto", "ddp", "fsdp"))
         out += choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         return out
 

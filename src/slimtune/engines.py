@@ -1,8 +1,8 @@
 """Which distributed engine each trainer method runs under: one table, consulted before the model loads.
 
 An engine is how the job was launched: ``single`` (one process), ``ddp`` (``torchrun`` or ``accelerate launch
---multi_gpu``: every rank holds the model, gradients are averaged), ``fsdp`` (``accelerate launch --use_fsdp`` or an
-FSDP config), ``deepspeed`` (``accelerate launch --use_deepspeed``). The status of a pair is ``yes`` (a 2-process
+--multi_gpu``: every rank holds the model, gradients are averaged), ``fsdp`` (FSDP2: ``train.engine: fsdp``, or ``accelerate
+launch --use_fsdp``), ``deepspeed`` (``accelerate launch --use_deepspeed``). The status of a pair is ``yes`` (a 2-process
 equivalence test passes on this CPU: tests/test_distributed.py) or ``no`` with the reason and what to use instead.
 docs/distributed.md shows :func:`render`'s table; a test fails when the two disagree.
 """
@@ -17,11 +17,6 @@ from slimtune.errors import UserError
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 TRAINER_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst", "meft")
 
-_NOT_YET = (
-    "not built yet: slimtune's chunked loss applies the LM head outside the forward, which a resharded head "
-    "breaks, and its checkpoints need the sharded state gathered; accelerate selects FSDP only on GPU device "
-    "types, so nothing here could test it"
-)
 _DEEPSPEED = (
     "not built yet: the trainer does not drive DeepSpeed's engine (DeepSpeed 0.19.8 itself installs from PyPI and "
     "runs ZeRO-2 with 2 CPU processes over gloo here, so it can be tested)"
@@ -29,6 +24,8 @@ _DEEPSPEED = (
 _MEFT_SHARD = (
     "MEFT's adapter lives in host memory outside the model: there is nothing for FSDP or ZeRO to shard"
 )
+FSDP_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst")
+"""Methods with a 2-process FSDP2 equivalence test (tests/test_distributed.py)."""
 
 
 def status(method: str, engine: str) -> tuple[bool, str]:
@@ -37,12 +34,47 @@ def status(method: str, engine: str) -> tuple[bool, str]:
         return True, "2-process equivalence test" if engine == "ddp" else ""
     if method == "meft":
         return False, _MEFT_SHARD
-    return False, _NOT_YET if engine == "fsdp" else _DEEPSPEED
+    if engine == "fsdp":
+        return method in FSDP_METHODS, "2-process equivalence test"
+    return False, _DEEPSPEED
 
 
-def launched_engine(env: Mapping[str, str] | None = None) -> str:
-    """The engine this process was launched under, from the launchers' environment variables."""
+OPTIONS = (
+    "mixed_precision: bf16",
+    "mixed_precision: fp16",
+    "grad_checkpointing",
+    "4-bit base",
+    "CPU offload",
+)
+_UNTESTED = "untested: no GPU here to run it (CPUs compute fp32)"
+_NO_OFFLOAD = (
+    "not built: slimtune has no CPU-offload setting (MEFT keeps its adapter in host memory by design)"
+)
+
+
+def option_status(engine: str, option: str) -> tuple[str, str]:
+    """(yes | no | untested, why) for a training option under ``engine``; ``no`` is refused before loading."""
+    if engine == "deepspeed":
+        return "no", _DEEPSPEED
+    if option == "CPU offload":
+        return "no", _NO_OFFLOAD
+    if option == "mixed_precision: fp16" and engine == "fsdp":
+        return "no", "FSDP2 shards the gradients the fp16 loss scaler would unscale: use bf16"
+    if option.startswith("mixed_precision"):
+        return "untested", _UNTESTED
+    if engine == "single":
+        return "yes", ""
+    if option == "4-bit base":
+        return "yes", "QLoRA and QST in the 2-process equivalence tests (the 4-bit codes are replicated)"
+    return "yes", "LoRA in a 2-process equivalence test"
+
+
+def launched_engine(env: Mapping[str, str] | None = None, configured: str = "auto") -> str:
+    """The engine this process runs under: ``configured`` (``train.engine``) when it names one, else what the
+    launchers' environment variables say."""
     env = os.environ if env is None else env
+    if configured in ("ddp", "fsdp"):
+        return configured if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return "deepspeed"
     if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -50,10 +82,17 @@ def launched_engine(env: Mapping[str, str] | None = None) -> str:
     return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
-def require_supported(method: str, env: Mapping[str, str] | None = None) -> None:
-    """One :class:`UserError` naming the method × engine pair and the nearest supported engine, before any
-    model is loaded."""
-    engine = launched_engine(env)
+def require_supported(
+    method: str, env: Mapping[str, str] | None = None, configured: str = "auto", mixed_precision: str = "no"
+) -> str:
+    """The engine (:func:`launched_engine`), or one :class:`UserError` naming the method × engine pair (or the
+    engine × option pair) and the nearest supported alternative, before any model is loaded."""
+    engine = launched_engine(env, configured)
+    option = f"mixed_precision: {mixed_precision}"
+    if option in OPTIONS and option_status(engine, option)[0] == "no":
+        raise UserError(
+            f"train.mixed_precision: {mixed_precision} under {engine}: {option_status(engine, option)[1]}"
+        )
     ok, why = status(method, engine)
     if not ok:
         raise UserError(
@@ -61,6 +100,7 @@ def require_supported(method: str, env: Mapping[str, str] | None = None) -> None
             f"(`torchrun --nproc_per_node N -m slimtune.cli train CONFIG` on CPUs, "
             f"`accelerate launch --multi_gpu -m slimtune.cli train CONFIG` on GPUs)"
         )
+    return engine
 
 
 def world_size(group=None) -> int:
@@ -85,6 +125,15 @@ def render() -> str:
                 notes.append(why)
             cells.append(f"no ({notes.index(why) + 1})")
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    rows += ["", "| option | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
+    for o in OPTIONS:
+        cells = []
+        for e in ENGINES:
+            state, why = option_status(e, o)
+            if why and why not in notes:
+                notes.append(why)
+            cells.append(f"{state} ({notes.index(why) + 1})" if why else state)
+        rows.append(f"| {o} | " + " | ".join(cells) + " |")
     rows.append("")
     rows += [f"({i}) {n}" for i, n in enumerate(notes, 1)]
     return "\n".join(rows) + "\n"

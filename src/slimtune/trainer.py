@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slimtune import memory
+from slimtune import memory, sharding
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
+from slimtune.engines import require_supported
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
 from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
@@ -61,6 +62,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     peak_bytes: int
+    peak_bytes_per_rank: list[int] = field(default_factory=list)
     evals: dict[int, dict] = field(default_factory=dict)
 
 
@@ -110,15 +112,22 @@ class Trainer:
         accelerator=None,
         hold_schedules: bool = False,
         identity: dict | None = None,
+        resume: bool = False,
     ):
         """``hold_schedules``: tell the method the run length is unknown (``total_steps = None``), so
         schedules stay at their first rung (benchmarks time a fixed state, not a schedule). ``identity``
-        (``base_model``, ...) is written into each checkpoint's manifest and checked when one is resumed."""
+        (``base_model``, ...) is written into each checkpoint's manifest and checked when one is resumed.
+        ``resume``: load the newest checkpoint of ``run_dir`` now (required under FSDP, where it is read into
+        the whole model before sharding); :meth:`train` with ``resume`` continues from it."""
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
         self.acc = accelerator or make_accelerator(cfg.mixed_precision)
         adapted.total_steps = None if hold_schedules else cfg.steps
+        engine = require_supported(
+            adapted.cfg.name, configured=cfg.engine, mixed_precision=self.acc.mixed_precision
+        )
+        self.sharded = engine == "fsdp" and self.acc.num_processes > 1
         params = adapted.trainable_parameters()
         if not params:
             raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
@@ -129,8 +138,6 @@ class Trainer:
                 "AdamW's eps (1e-8) is 0 in fp16 and small squared gradients underflow, so the update is NaN: "
                 "use model.dtype: bf16, or fp32 weights with train.mixed_precision: fp16 on a GPU"
             )
-        self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
         if cfg.grad_checkpointing:
             enable_checkpointing(adapted)
         elif cfg.memory == "low":
@@ -138,13 +145,26 @@ class Trainer:
                 enable_checkpointing(adapted)
             except UserError as err:  # low memory still takes the chunked loss
                 log.info("train.memory: low: no gradient checkpointing (%s)", err)
-        adapted.model.to(self.acc.device)
-        self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
+        if not self.sharded:  # (FSDP moves each rank's shards to its device)
+            adapted.model.to(self.acc.device)
+        self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.identity = {"method": adapted.cfg.name, **(identity or {})}
+        self._loaded: list[dict | None] = [self._load()] if resume else []
+        if self.sharded:  # FSDP2 in place, then the optimizer again over the shards, with what it holds
+            self.model = sharding.shard(adapted.model, self.acc.mixed_precision)
+            whole_opt, whole_sched = self.optimizer.state_dict(), self.scheduler.state_dict()
+            self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
+            self.scheduler = make_scheduler(self.optimizer, cfg)
+            self.optimizer.load_state_dict(whole_opt)
+            self.scheduler.load_state_dict(whole_sched)
+            sharding.shard_optimizer_state(self.optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
         self.loss = loss_function(adapted, self.model, cfg.chunked_loss or cfg.memory == "low")
         self.stream = BatchStream(
             train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
         )
-        self.identity = {"method": adapted.cfg.name, **(identity or {})}
         self.step = 0
         self.skipped = 0  # steps not applied: non-finite loss or gradient (train.on_nonfinite: skip)
         self._skips_in_row = 0
@@ -184,7 +204,11 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def _micro_step(self, batch: dict, last: bool) -> tuple[float, int]:
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-        sync = nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
+        if self.sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
+            self.model.set_requires_gradient_sync(last)
+            sync = nullcontext()
+        else:
+            sync = nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
         with sync, self.acc.autocast():
             loss = self.loss(batch)
             self.acc.backward(loss / self.cfg.grad_accum)
@@ -215,7 +239,8 @@ class Trainer:
         if fault is None:
             self._skips_in_row = 0
             if cfg.max_grad_norm is not None:
-                grad_norm = float(self.acc.clip_grad_norm_(adapted.trainable_parameters(), cfg.max_grad_norm))
+                norm = self.acc.clip_grad_norm_(adapted.trainable_parameters(), cfg.max_grad_norm)
+                grad_norm = float(sharding.whole(norm))
             self.optimizer.step()
             adapted.optimizer_step(self.optimizer)
         else:
@@ -268,8 +293,21 @@ class Trainer:
         log.warning("%s; the step is skipped (%d skipped so far)", what, self.skipped)
         self._log({"step": self.step + 1, "skipped_steps": self.skipped, "nonfinite": fault})
 
+    def whole_model(self):
+        """A context in which the adapted model's parameters are whole on every rank (FSDP: gathered from the
+        shards; every rank must enter), so the method's state can be saved as one process saves it."""
+        return sharding.full_parameters(self.model) if self.sharded else nullcontext()
+
+    def _load(self) -> dict | None:
+        """Every rank reads the newest checkpoint into the method, optimizer, scheduler and RNGs."""
+        return load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler, self.identity)
+
     def _resume(self) -> None:
-        state = load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler, self.identity)
+        if not self._loaded:
+            if self.sharded:
+                raise ValueError("under FSDP a run resumes by constructing its Trainer with resume=True")
+            self._loaded.append(self._load())
+        state = self._loaded[0]
         if state is None:
             log.warning("no complete checkpoint in %s yet: the run starts again from step 0", self.run_dir)
             return
@@ -310,14 +348,24 @@ class Trainer:
                 self._periodic(signals)
             bar.close()
             self.save_checkpoint()
+        peak = memory.device_peak_bytes(self.acc.device)
         return TrainResult(
             steps=self.step,
             train_s=time.perf_counter() - t_start,
             tokens=tokens,
             first_loss=first_loss,
             last_loss=last_loss,
-            peak_bytes=memory.device_peak_bytes(self.acc.device),
+            peak_bytes=peak,
+            peak_bytes_per_rank=self._per_rank(peak),
         )
+
+    def _per_rank(self, value: int) -> list[int]:
+        """``value`` of every rank, in rank order (a collective under several processes)."""
+        if self.acc.num_processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return [int(v) for v in gather_object([value])]
 
     def _log_step(self, loss: float, grad_norm: float | None, tokens: int, dt: float, peak: int) -> None:
         self._log(
@@ -357,19 +405,23 @@ class Trainer:
     def save_checkpoint(self, data_state: dict | None = None) -> None:
         """A checkpoint of the current step; ``data_state``: the data position to record (default: now)."""
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            save_checkpoint(
-                self.run_dir,
-                self.adapted,
-                self.optimizer,
-                self.scheduler,
-                {
-                    "step": self.step,
-                    "data": data_state or self.stream.state(),
-                    "skipped_steps": self.skipped,
-                },
-                self.identity,
-            )
+        with self.whole_model():
+            optimizer_state = sharding.full_optimizer_state(self.optimizer) if self.sharded else None
+            if self.acc.is_main_process:
+                save_checkpoint(
+                    self.run_dir,
+                    self.adapted,
+                    self.optimizer,
+                    self.scheduler,
+                    {
+                        "step": self.step,
+                        "data": data_state or self.stream.state(),
+                        "skipped_steps": self.skipped,
+                    },
+                    self.identity,
+                    optimizer_state,
+                )
+        self.acc.wait_for_everyone()  # no rank reads it, or stops, before it is complete
 
     def close(self) -> None:
         if self._writer is not None:

@@ -274,7 +274,11 @@ class MethodSpec:
 
 def first_nonfinite_grad(named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
     """The first name whose tensor's ``.grad`` holds a NaN or inf (max-abs norm: no overflow from squaring)."""
-    named = [(n, p.grad) for n, p in named if p.grad is not None]
+    from slimtune.sharding import (
+        local,
+    )  # under FSDP each rank checks its shard; the trainer combines the ranks
+
+    named = [(n, local(p.grad)) for n, p in named if p.grad is not None]
     if not named or torch.isfinite(torch.nn.utils.get_total_norm([g for _, g in named], float("inf"))):
         return None
     return next((n for n, g in named if not torch.isfinite(g).all()), named[0][0])
