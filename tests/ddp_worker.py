@@ -1,5 +1,5 @@
 """One side of the multi-process equivalence tests (tests/test_distributed.py), run as
-``torchrun --nproc_per_node N tests/ddp_worker.py METHOD STEPS OUT_DIR [ENGINE [SAVE_AT]]``: N processes train a
+``torchrun --nproc_per_node N tests/ddp_worker.py METHOD[:key=value,...] STEPS OUT_DIR [ENGINE [SAVE_AT]]``: N processes train a
 tiny Llama with the real Trainer under ENGINE (ddp or fsdp; default ddp) on one global batch of 4 equal-length rows
 (4 / N per rank); rank 0 writes the per-step losses the trainer reports and the final method state (gathered whole
 under FSDP). SAVE_AT: save a checkpoint into OUT_DIR/run after that many steps, then build a fresh trainer that
@@ -22,12 +22,13 @@ from slimtune.capabilities import SETTINGS, adapt, batch, trainer_for
 
 def _trainer(method: str, steps: int, engine: str, run_dir: Path, resume: bool = False):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    adapted = adapt(method, "llama")
+    name, _, extra = method.partition(":")  # METHOD[:key=value,...]
+    adapted = adapt(name, "llama", **dict(kv.split("=", 1) for kv in extra.split(",") if kv))
     data = batch(b=4)
     trainer = trainer_for(
         adapted,
         steps,
-        SETTINGS[method][1],
+        SETTINGS[name][1],
         data,
         run_dir=run_dir,
         resume=resume,

@@ -53,7 +53,7 @@ def test_two_ddp_processes_train_like_one(method, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", FSDP_METHODS)
+@pytest.mark.parametrize("method", [*FSDP_METHODS, "qlora:backend=bitsandbytes", "qst:backend=bitsandbytes"])
 def test_two_fsdp_processes_train_like_one(method, tmp_path):
     """FSDP2 shards every parameter over the two ranks; the losses and the gathered method state are one
     process's. The second half runs in a new trainer resumed from the checkpoint the first half wrote."""
@@ -99,7 +99,9 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path):
 def _initial(method: str) -> dict:
     from slimtune.capabilities import adapt
 
-    return {k: v.detach().float() for k, v in adapt(method, "llama").state_dict().items()}
+    name, _, extra = method.partition(":")
+    settings = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
+    return {k: v.detach().float() for k, v in adapt(name, "llama", **settings).state_dict().items()}
 
 
 def test_docs_show_the_engine_table_the_code_enforces():

@@ -57,9 +57,12 @@ def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # the chunked loss does nothing in place on the root's outputs (equal to one process: test_distributed.py)
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    # bitsandbytes' 4-bit weights are uint8 Parameters whose quantization state a DTensor would drop: they stay
+    # whole on every rank (as accelerate's FSDP2 preparation does); pure-torch NF4 keeps its codes in buffers
+    kept = {p for p in model.parameters() if not p.requires_grad and not p.is_floating_point()}
     for unit in layer_units(model):
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(unit, mp_policy=mp, ignored_params=kept)
+    fully_shard(model, mp_policy=mp, ignored_params=kept)
     return model
 
 
