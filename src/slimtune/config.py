@@ -39,7 +39,8 @@ class DataConfig(Checked):
     eval_path: str | None = None
     """Optional held-out data in the same format as `path`."""
     format: str = "auto"
-    """text | instruction | chat | auto (guessed from the fields of the first row)."""
+    """text | instruction | chat (OpenAI-style ``messages``) | sharegpt (``conversations`` with ``from``/``value``)
+    | auto (guessed from the fields of the first row)."""
     max_length: int = 256
     """Sequences are truncated to this many tokens (a warning counts how many)."""
     packing: bool = False
@@ -52,7 +53,7 @@ class DataConfig(Checked):
     """Seed of the fixed train/eval split of built-in tasks."""
 
     def check(self) -> list[Problem]:
-        out = choice("format", self.format, ("auto", "text", "instruction", "chat"))
+        out = choice("format", self.format, ("auto", "text", "instruction", "chat", "sharegpt"))
         out += positive(self, "max_length", "train_size", "eval_size")
         if self.task is None and self.path is None:
             out.append(("task", "give either data.task or data.path"))
@@ -61,13 +62,24 @@ class DataConfig(Checked):
         for key in ("path", "eval_path"):
             value = getattr(self, key)
             if value is not None and not Path(value).exists():
-                out.append((key, f"'{value}': no such file or directory"))
+                out.append((key, f"'{value}': no such file or directory" + _hub_hint(value)))
         if self.task is not None:
             from slimtune.tasks import TASKS
 
             if self.task not in TASKS:
                 out.append(("task", f"{self.task!r} is not one of {', '.join(sorted(TASKS))}"))
         return out
+
+
+def _hub_hint(value: str) -> str:
+    """What to do when a missing data path looks like a Hugging Face Hub dataset id (``owner/name``)."""
+    parts = str(value).split("/")
+    if len(parts) != 2 or not all(parts) or Path(value).suffix:
+        return ""
+    return (
+        "; it looks like a Hub dataset id, and slimtune reads only local data (it does not download): where "
+        f"you are online, run `datasets.load_dataset('{value}').save_to_disk('DIR')` and set data.path: DIR"
+    )
 
 
 @dataclass
@@ -118,6 +130,10 @@ class TrainConfig(Checked):
     """Compute the task metric (accuracy, BLEU, ...) at evaluation, not only loss."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    """Where metrics go: tensorboard, wandb (offline unless WANDB_MODE says otherwise), mlflow (a local file
+    store under logs/mlruns unless MLFLOW_TRACKING_URI is set), jsonl. logs/train.jsonl is always written
+    (`slimtune report` reads it); wandb and mlflow need `pip install 'slimtune[trackers]'`."""
     on_nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip (the step is not applied; counted and logged; 10 in a row stop the run
     as with stop) | stop (save the last good state as a checkpoint and exit with code 3)."""
@@ -147,6 +163,14 @@ class TrainConfig(Checked):
         out += choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         out += choice("memory", self.memory, ("standard", "low"))
         out += choice("engine", self.engine, ("auto", "ddp", "fsdp"))
+        if not isinstance(self.report_to, list) or not all(isinstance(x, str) for x in self.report_to):
+            out.append(
+                ("report_to", f"{self.report_to!r} must be a list of names, e.g. [tensorboard, jsonl]")
+            )
+        else:
+            from slimtune.trackers import check
+
+            out += check(self.report_to)
         out += choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         return out
 

@@ -19,7 +19,20 @@ from slimtune.errors import UserError
 from slimtune.losses import IGNORE
 
 log = logging.getLogger(__name__)
-FORMAT_FIELDS = {"text": ("text",), "instruction": ("instruction", "output"), "chat": ("messages",)}
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "instruction": ("instruction", "output"),
+    "text": ("text",),
+}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+"""ShareGPT ``from`` values and the chat role each becomes."""
 
 
 # ---------------------------------------------------------------- reading files
@@ -118,12 +131,12 @@ def detect_format(records: list[tuple[int, dict]], where: str) -> str:
     if not records:
         raise UserError(f"{where}: no records")
     first = records[0][1]
-    for fmt in ("chat", "instruction", "text"):
-        if all(f in first for f in FORMAT_FIELDS[fmt]):
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in first for f in fields):
             return fmt
     raise UserError(
         f"{where} line {records[0][0]}: cannot tell the format from fields {sorted(first)} "
-        "(need 'text', or 'instruction'+'output', or 'messages')"
+        "(need 'text', or 'instruction'+'output', or 'messages' (OpenAI style), or 'conversations' (ShareGPT))"
     )
 
 
@@ -172,11 +185,14 @@ def encode_record(tok, rec: dict, fmt: str, where: str, line: int) -> tuple[list
         answer = _ids(tok, _field(rec, "output", where, line)) + eos
         return prompt + answer, [IGNORE] * len(prompt) + answer
     if fmt == "chat":
-        return _encode_chat(tok, rec, where, line)
-    raise UserError(f"data.format: {fmt!r} is not one of text, instruction, chat")
+        return _encode_chat(tok, _messages(rec, where, line), where, line)
+    if fmt == "sharegpt":
+        return _encode_chat(tok, _sharegpt_messages(rec, where, line), where, line)
+    raise UserError(f"data.format: {fmt!r} is not one of text, instruction, chat, sharegpt")
 
 
-def _encode_chat(tok, rec: dict, where: str, line: int) -> tuple[list[int], list[int]]:
+def _messages(rec: dict, where: str, line: int) -> list[dict]:
+    """OpenAI-style ``messages``: a list of ``{"role", "content"}``."""
     msgs = rec.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f"{where} line {line}: field 'messages' must be a non-empty list")
@@ -187,8 +203,42 @@ def _encode_chat(tok, rec: dict, where: str, line: int) -> tuple[list[int], list
             or not isinstance(m.get("content"), str)
         ):
             raise UserError(f"{where} line {line}: messages[{j}] needs string fields 'role' and 'content'")
+    return msgs
+
+
+def _sharegpt_messages(rec: dict, where: str, line: int) -> list[dict]:
+    """ShareGPT ``conversations`` (``{"from": human|gpt|system, "value"}``) as chat messages."""
+    turns = rec.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where} line {line}: field 'conversations' must be a non-empty list")
+    msgs = []
+    for j, t in enumerate(turns):
+        if (
+            not isinstance(t, dict)
+            or not isinstance(t.get("from"), str)
+            or not isinstance(t.get("value"), str)
+        ):
+            raise UserError(f"{where} line {line}: conversations[{j}] needs string fields 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(t["from"])
+        if role is None:
+            raise UserError(
+                f"{where} line {line}: conversations[{j}].from is {t['from']!r}, not one of "
+                f"{', '.join(SHAREGPT_ROLES)}"
+            )
+        msgs.append({"role": role, "content": t["value"]})
+    return msgs
+
+
+def _encode_chat(tok, msgs: list[dict], where: str, line: int) -> tuple[list[int], list[int]]:
+    """Every turn through the chat template; only assistant turns are learned (their header is prompt), and the
+    tokenizer's EOS ends the last assistant turn where the template does not put it there (a base model's
+    template ending turns with another token), so the fine-tuned model learns to stop."""
     if not has_chat_template(tok):
-        raise UserError(f"{where}: format 'chat' needs a tokenizer with a chat template")
+        raise UserError(
+            f"{where}: chat rows need a tokenizer with a chat template, and this model's has none: use an "
+            "instruct model (or add `chat_template` to its tokenizer_config.json), or give the rows as "
+            "data.format text or instruction"
+        )
     ids: list[int] = []
     labels: list[int] = []
     done = ""  # text already tokenized; the template must render each turn as a suffix of the previous text
@@ -198,6 +248,10 @@ def _encode_chat(tok, rec: dict, where: str, line: int) -> tuple[list[int], list
             done = _append(tok, ids, labels, done, head, learn=False, where=where, line=line)
         upto = tok.apply_chat_template(msgs[: k + 1], tokenize=False)
         done = _append(tok, ids, labels, done, upto, learn=m["role"] == "assistant", where=where, line=line)
+    eos = tok.eos_token_id
+    if eos is not None and msgs[-1]["role"] == "assistant" and eos not in ids[-3:]:
+        ids.append(eos)
+        labels.append(eos)
     return ids, labels
 
 

@@ -24,6 +24,7 @@ from slimtune.engines import require_supported
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
 from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
+from slimtune.trackers import RunLog
 from slimtune.losses import LogitFreeLoss
 from slimtune.methods.base import Adapted
 from slimtune.tasks import Task
@@ -113,12 +114,14 @@ class Trainer:
         hold_schedules: bool = False,
         identity: dict | None = None,
         resume: bool = False,
+        config: dict | None = None,
     ):
         """``hold_schedules``: tell the method the run length is unknown (``total_steps = None``), so
         schedules stay at their first rung (benchmarks time a fixed state, not a schedule). ``identity``
         (``base_model``, ...) is written into each checkpoint's manifest and checked when one is resumed.
         ``resume``: load the newest checkpoint of ``run_dir`` now (required under FSDP, where it is read into
-        the whole model before sharding); :meth:`train` with ``resume`` continues from it."""
+        the whole model before sharding); :meth:`train` with ``resume`` continues from it. ``config``: the
+        run's settings, stored with the experiment trackers (``train.report_to``)."""
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
@@ -168,23 +171,11 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # steps not applied: non-finite loss or gradient (train.on_nonfinite: skip)
         self._skips_in_row = 0
-        self._writer = None
+        self.run_log = RunLog(run_dir, cfg.report_to, config, main=self.acc.is_main_process)
 
     # ------------------------------------------------------------ logging
     def _log(self, record: dict) -> None:
-        if not self.acc.is_main_process:
-            return
-        logs = self.run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with (logs / "train.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(logs / "tensorboard"))
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self._writer.add_scalar(k, v, record["step"])
+        self.run_log.log(record)
 
     def run_eval(self, with_metric: bool | None = None) -> EvalResult:
         self.adapted.on_eval_start(self.step)
@@ -424,5 +415,4 @@ class Trainer:
         self.acc.wait_for_everyone()  # no rank reads it, or stops, before it is complete
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self.run_log.close()
