@@ -14,8 +14,6 @@ import math
 import os
 from pathlib import Path
 
-from slimtune.errors import UserError
-
 TRACKERS = ("tensorboard", "wandb", "mlflow", "jsonl")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 PROJECT = "slimtune"

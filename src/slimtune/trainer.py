@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -24,10 +23,10 @@ from slimtune.engines import require_supported
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
 from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
-from slimtune.trackers import RunLog
 from slimtune.losses import LogitFreeLoss
 from slimtune.methods.base import Adapted
 from slimtune.tasks import Task
+from slimtune.trackers import RunLog
 
 log = logging.getLogger(__name__)
 MAX_SKIPS_IN_ROW = 10  # train.on_nonfinite: skip stops a run that only produces non-finite steps
