@@ -269,14 +269,52 @@ def evaluate_target(
     return res
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a merged plain HF model (+ tokenizer) that loads with ``AutoModelForCausalLM.from_pretrained``."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"export: output directory '{out}' is not empty; choose a new one")
-    _, p = load_run(run_dir)
-    merged = p.adapted.merge()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))
-    p.tok.save_pretrained(str(out))
-    return out
+def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", quant: str = "f16") -> Path:
+    """Write the run's merged model: a plain HF directory (+ tokenizer) that loads with
+    ``AutoModelForCausalLM.from_pretrained`` (``fmt`` hf; default ``<run>/merged``), or one ``.gguf`` file for
+    llama.cpp / Ollama / LM Studio (``fmt`` gguf, ``quant`` f16 | bf16 | q8_0 | f32; default
+    ``<run>/model-<quant>.gguf``). Nothing existing is overwritten; a method that cannot merge is one line."""
+    import shutil
+    import tempfile
+
+    from slimtune import gguf_export
+
+    run_dir = Path(run_dir)
+    if fmt not in ("hf", "gguf"):
+        raise UserError(f"--format: {fmt!r} is not one of hf, gguf")
+    if fmt == "gguf":
+        gguf_export.converter_script()  # before loading anything: is the converter there?
+        if quant not in gguf_export.QUANTS:
+            raise UserError(f"--quant: {quant!r} is not one of {', '.join(gguf_export.QUANTS)}")
+    target = Path(out) if out is not None else run_dir / ("merged" if fmt == "hf" else f"model-{quant}.gguf")
+    if fmt == "gguf" and target.is_dir():
+        target = target / f"model-{quant}.gguf"
+    if target.exists() and (target.is_file() or any(target.iterdir())):
+        raise UserError(f"export: '{target}' already exists; choose a new --out")
+    cfg, p = load_run(run_dir)
+    try:
+        merged = p.adapted.merge()
+    except NotImplementedError as err:
+        raise UserError(
+            f"export: method '{cfg.method.name}' cannot be merged into a plain model: {err}"
+        ) from None
+    if fmt == "hf":
+        target.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(str(target))
+        p.tok.save_pretrained(str(target))
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    hf_dir = Path(tempfile.mkdtemp(prefix=".merged-", dir=target.parent))
+    try:
+        merged.save_pretrained(str(hf_dir))
+        p.tok.save_pretrained(str(hf_dir))
+        window = getattr(merged.config, "sliding_window", None)
+        if merged.config.model_type == "mistral" and window:
+            log.warning(
+                "export: llama.cpp's converter writes Mistral as a Llama model without its sliding window "
+                "(%d tokens): the GGUF matches the merged model on inputs up to that length",
+                window,
+            )
+        return gguf_export.write_gguf(hf_dir, target, quant)
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)

@@ -112,7 +112,17 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from slimtune import api
 
-    out = api.export(args.run, args.out)
+    out = api.export(args.run, args.out, args.format, args.quant)
+    if args.format == "gguf":
+        from slimtune.gguf_export import describe
+
+        facts = describe(out)
+        print(
+            f"exported {out} ({facts['architecture']}, {facts['tensors']} tensors, {'/'.join(facts['types'])}; "
+            f"{out.stat().st_size / 1e6:.0f} MB): loads with llama.cpp / Ollama / LM Studio, or "
+            f"transformers' AutoModelForCausalLM.from_pretrained(DIR, gguf_file=NAME)"
+        )
+        return 0
     print(
         f"exported a merged plain model to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)"
     )
@@ -236,9 +246,18 @@ def _add_run_commands(sub) -> None:
             s.add_argument("--max-new-tokens", type=int, default=64)
         s.set_defaults(fn=fn)
 
-    e = sub.add_parser("export", help="write a merged plain HF model from a run")
+    e = sub.add_parser("export", help="write a run's merged model: an HF directory or a GGUF file")
     e.add_argument("run", help="RUN_DIR")
-    e.add_argument("--out", required=True, help="new directory for the merged model")
+    e.add_argument(
+        "--out",
+        help="new directory (hf) or .gguf file (gguf); default RUN_DIR/merged or RUN_DIR/model-QUANT.gguf",
+    )
+    e.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf (default) or gguf")
+    e.add_argument(
+        "--quant",
+        default="f16",
+        help="GGUF tensor type: f16 (default), bf16, q8_0, f32 (llama.cpp's converter)",
+    )
     e.set_defaults(fn=cmd_export)
 
 
