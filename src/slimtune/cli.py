@@ -129,6 +129,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from slimtune.report import report
+
+    path = report(args.runs, args.out)
+    print(f"report: {path} (and the curves beside it as PNG)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from slimtune.bench.run import bench, plan_from_args
 
@@ -259,6 +267,13 @@ def _add_run_commands(sub) -> None:
         help="GGUF tensor type: f16 (default), bf16, q8_0, f32 (llama.cpp's converter)",
     )
     e.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("report", help="curves (PNG) and a Markdown summary of one or more runs, side by side")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument(
+        "--out", help="new directory (default RUN_DIR/report for one run, report-TIME for several)"
+    )
+    r.set_defaults(fn=cmd_report)
 
 
 def _add_bench_command(sub) -> None:

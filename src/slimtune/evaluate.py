@@ -4,10 +4,13 @@ otherwise), and a few sample generations to show a person."""
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from slimtune.data import IGNORE, Encoded, collate, instruction_prompt
 from slimtune.methods.base import Adapted
@@ -35,12 +38,24 @@ def _device(adapted: Adapted) -> torch.device:
     return next(adapted.model.parameters()).device
 
 
+def _batches(total: int, batch_size: int, desc: str) -> Iterable[int]:
+    """Batch starts, with a progress bar on a terminal (main process only): evaluation and generation can take
+    minutes."""
+    return tqdm(
+        range(0, total, batch_size),
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=True if os.environ.get("RANK", "0") != "0" else None,  # None: only on a terminal
+    )
+
+
 @torch.no_grad()
 def eval_loss(adapted: Adapted, data: Encoded, batch_size: int, pad_id: int) -> float:
     """Token-weighted mean cross-entropy over the labelled tokens of ``data``."""
     dev = _device(adapted)
     total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
+    for i in _batches(len(data), batch_size, "eval loss"):
         rows = list(zip(data.input_ids[i : i + batch_size], data.labels[i : i + batch_size]))
         b = {k: v.to(dev) for k, v in collate(rows, pad_id).items()}
         logits = adapted.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -89,7 +104,7 @@ def choice_predictions(
         p = _ids(tok, prompt)
         rows += [(p + c, [IGNORE] * len(p) + c) for c in choice_ids]
     scores = []
-    for i in range(0, len(rows), batch_size):
+    for i in _batches(len(rows), batch_size, "eval choices"):
         b = {k: v.to(dev) for k, v in collate(rows[i : i + batch_size], tok.pad_token_id).items()}
         logp = adapted.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         logp = logp[:, :-1].log_softmax(-1)
@@ -113,7 +128,7 @@ def generate(adapted: Adapted, tok, records: list[dict], max_new_tokens: int, ba
     dev = _device(adapted)
     prompts = [_ids(tok, p) for p in _prompts(tok, records)]
     out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
+    for i in _batches(len(prompts), batch_size, "generate"):
         rows = [(p, p) for p in prompts[i : i + batch_size]]
         b = collate(rows, tok.pad_token_id, pad_left=True)
         new = adapted.generate(
