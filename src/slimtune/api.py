@@ -290,7 +290,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", 
     if fmt == "gguf" and target.is_dir():
         target = target / f"model-{quant}.gguf"
     if target.exists() and (target.is_file() or any(target.iterdir())):
-        raise UserError(f"export: '{target}' already exists; choose a new --out")
+        what = "already exists" if target.is_file() else "is not empty"
+        raise UserError(f"export: '{target}' {what}; choose a new --out")
     cfg, p = load_run(run_dir)
     try:
         merged = p.adapted.merge()
