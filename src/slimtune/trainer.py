@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import signal
 import time
 import warnings
@@ -289,8 +290,13 @@ class Trainer:
         return sharding.full_parameters(self.model) if self.sharded else nullcontext()
 
     def _load(self) -> dict | None:
-        """Every rank reads the newest checkpoint into the method, optimizer, scheduler and RNGs."""
-        return load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler, self.identity)
+        """Every rank reads the newest checkpoint into the method, optimizer, scheduler and RNGs. The RNG states
+        are kept and set again when training resumes (:meth:`_resume`): what runs in between (the loss check,
+        the evaluation before training) must not shift them."""
+        state = load_checkpoint(self.run_dir, self.adapted, self.optimizer, self.scheduler, self.identity)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self._rng = (torch.get_rng_state(), cuda, random.getstate())
+        return state
 
     def _resume(self) -> None:
         if not self._loaded:
@@ -298,6 +304,11 @@ class Trainer:
                 raise ValueError("under FSDP a run resumes by constructing its Trainer with resume=True")
             self._loaded.append(self._load())
         state = self._loaded[0]
+        cpu, cuda, py = self._rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
         if state is None:
             log.warning("no complete checkpoint in %s yet: the run starts again from step 0", self.run_dir)
             return
