@@ -4,8 +4,8 @@ tiny Llama with the real Trainer under ENGINE (ddp or fsdp; default ddp) on one 
 (4 / N per rank); rank 0 writes the per-step losses the trainer reports and the final method state (gathered whole
 under FSDP). SAVE_AT: save a checkpoint into OUT_DIR/run after that many steps, then build a fresh trainer that
 resumes from it for the remaining steps (the state must survive the round trip); -1: resume the checkpoint
-OUT_DIR/run already holds (written by another run) and train to STEPS. SLIMTUNE_TEST_GRAD_CKPT=1: with gradient
-checkpointing."""
+OUT_DIR/run already holds (written by another run) and train to STEPS. SLIMTUNE_TEST_TRAIN: more train settings
+as JSON (gradient checkpointing, clipping)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _trainer(method: str, steps: int, engine: str, run_dir: Path, resume: bool =
         resume=resume,
         batch_size=4 // world,
         engine=engine,
-        grad_checkpointing=os.environ.get("SLIMTUNE_TEST_GRAD_CKPT") == "1",
+        **json.loads(os.environ.get("SLIMTUNE_TEST_TRAIN", "{}")),
     )
     trainer.model.train()
     return adapted, trainer

@@ -63,10 +63,12 @@ def test_two_fsdp_processes_train_like_one(method, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_with_gradient_checkpointing_train_like_one(engine, tmp_path):
-    ckpt = {"SLIMTUNE_TEST_GRAD_CKPT": "1"}
-    one = _run("lora", 1, tmp_path / "one", engine, env=ckpt)
-    _same("lora", one, _run("lora", 2, tmp_path / "two", engine, env=ckpt))
+def test_two_processes_with_gradient_checkpointing_and_clipping_train_like_one(engine, tmp_path):
+    """Checkpointed activations, and a clipping norm low enough to clip every step (the norm of sharded
+    gradients must be the global one)."""
+    opts = {"SLIMTUNE_TEST_TRAIN": json.dumps({"grad_checkpointing": True, "max_grad_norm": 0.05})}
+    one = _run("lora", 1, tmp_path / "one", engine, env=opts)
+    _same("lora", one, _run("lora", 2, tmp_path / "two", engine, env=opts))
 
 
 @pytest.mark.slow

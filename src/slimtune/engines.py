@@ -66,7 +66,7 @@ def option_status(engine: str, option: str) -> tuple[str, str]:
         return "yes", ""
     if option == "4-bit base":
         return "yes", "QLoRA and QST in the 2-process equivalence tests (the 4-bit codes are replicated)"
-    return "yes", "LoRA in a 2-process equivalence test"
+    return "yes", "LoRA in a 2-process equivalence test (with gradient clipping)"
 
 
 def launched_engine(env: Mapping[str, str] | None = None, configured: str = "auto") -> str:

@@ -230,7 +230,13 @@ class Trainer:
         if fault is None:
             self._skips_in_row = 0
             if cfg.max_grad_norm is not None:
-                norm = self.acc.clip_grad_norm_(adapted.trainable_parameters(), cfg.max_grad_norm)
+                params = adapted.trainable_parameters()
+                if (
+                    self.sharded
+                ):  # torch's clip takes sharded gradients (accelerate's knows only prepared models)
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                else:
+                    norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 grad_norm = float(sharding.whole(norm))
             self.optimizer.step()
             adapted.optimizer_step(self.optimizer)
