@@ -177,21 +177,33 @@ def cmd_plan(args) -> int:
     config = P.model_config(args.model, args.shape, args.config)
     rows = P.plan(
         config, runs, args.batch, args.seq_len, args.dtype, args.grad_accum, args.grad_checkpointing,
-        args.gpu, fit=args.fit, log=lambda m: print(m, file=sys.stderr),
+        args.gpu, fit=args.fit, log=lambda m: print(m, file=sys.stderr), fsdp=args.fsdp,
     )  # fmt: skip
     what = args.shape or args.model or args.config
     if args.json:
         print(
             json.dumps(
-                {"model": what, "dtype": args.dtype, "gpu": args.gpu, "rows": [r.to_json() for r in rows]},
+                {
+                    "model": what,
+                    "dtype": args.dtype,
+                    "gpu": args.gpu,
+                    "fsdp_processes": args.fsdp,
+                    "rows": [r.to_json() for r in rows],
+                },
                 indent=2,
             )
         )
     else:
         budget = f", budget {args.gpu}" if args.gpu else ""
+        budget += f", per rank of {args.fsdp} FSDP2 processes" if args.fsdp > 1 else ""
         print(
             render(rows, f"slimtune plan: {what}, {args.dtype}, batch {args.batch} x {args.seq_len}{budget}")
         )
+        if args.fsdp > 1:
+            print(
+                "FSDP2: weights, gradients and optimizer state are this rank's shards; the total also holds the "
+                "layers gathered whole at the peak (JSON: buffers)."
+            )
     short = [r.method for r in rows if r.method in required and not r.fits]
     if short:
         print(f"slimtune: {', '.join(short)} does not fit {args.gpu}", file=sys.stderr)
@@ -316,6 +328,9 @@ def _add_plan_command(sub) -> None:
     p.add_argument("--gpu", help="a budget: a size (24GiB, 80GB) or a GPU (a5000, 4090, a100-80, h100, ...)")
     p.add_argument(
         "--fit", default="batch", help="with --gpu: search the largest batch (default), seq_len, or none"
+    )
+    p.add_argument(
+        "--fsdp", type=int, default=1, metavar="N", help="per rank of an FSDP2 job of N processes (--batch per rank)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--require", help="exit 1 unless these methods fit the --gpu budget (comma-separated)")

@@ -47,9 +47,10 @@ def layer_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
-    """Shard ``model`` in place over the default process group (one unit per decoder layer, the rest at the
-    root). ``mixed_precision`` bf16: parameters are gathered and computed in bf16, gradients reduced in fp32."""
+def shard(model: nn.Module, mixed_precision: str = "no", mesh=None) -> nn.Module:
+    """Shard ``model`` in place over ``mesh`` (default: the default process group; one unit per decoder layer,
+    the rest at the root). ``mixed_precision`` bf16: parameters are gathered and computed in bf16, gradients
+    reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy()
@@ -61,8 +62,8 @@ def shard(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     # whole on every rank (as accelerate's FSDP2 preparation does); pure-torch NF4 keeps its codes in buffers
     kept = {p for p in model.parameters() if not p.requires_grad and not p.is_floating_point()}
     for unit in layer_units(model):
-        fully_shard(unit, mp_policy=mp, ignored_params=kept)
-    fully_shard(model, mp_policy=mp, ignored_params=kept)
+        fully_shard(unit, mesh=mesh, mp_policy=mp, ignored_params=kept)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=kept)
     return model
 
 

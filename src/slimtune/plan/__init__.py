@@ -133,17 +133,30 @@ def plan(
     gpu: str | None = None,
     fit: str = "batch",
     log=lambda msg: None,
+    fsdp: int = 1,
 ) -> list[PlanRow]:
     """One :class:`PlanRow` per (method, settings); with ``gpu``, whether it fits and (``fit`` 'batch' or
-    'seq_len') the largest batch or sequence length that does."""
+    'seq_len') the largest batch or sequence length that does. ``fsdp`` N > 1: per rank of an FSDP2 job of N
+    processes (``batch`` rows per rank), traced through the trainer's sharding on a fake process group."""
     if fit not in ("batch", "seq_len", "none"):
         raise UserError(f"--fit: '{fit}' is not one of batch, seq_len, none")
     if dtype not in DTYPES:
         raise UserError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     if batch < 1 or seq_len < 1 or grad_accum < 1:
         raise UserError("--batch, --seq-len and --grad-accum must be positive")
+    if fsdp < 1:
+        raise UserError(f"--fsdp: {fsdp} must be a positive number of processes")
+    if fsdp > 1:
+        from slimtune.engines import status
+
+        for name, _ in runs:
+            ok, why = status(name, "fsdp")
+            if not ok:
+                raise UserError(f"plan --fsdp: method '{name}' does not run under FSDP: {why}")
     budget, named = parse_budget(gpu) if gpu else (None, None)
     opts = {"dtype": DTYPES[dtype], "grad_accum": grad_accum, "grad_checkpointing": grad_checkpointing}
+    if fsdp > 1:
+        opts["fsdp"] = fsdp
     rows = []
     for name, settings in runs:
         log(f"plan: tracing {name} at {batch} x {seq_len} ...")

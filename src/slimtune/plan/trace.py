@@ -20,6 +20,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimtune.errors import UserError
+
 aten = torch.ops.aten
 
 ROLES = ("parameters", "buffers", "gradients", "activations", "temporaries", "optimizer")
@@ -176,9 +178,12 @@ def trace_step(
     grad_checkpointing: bool = False,
     fake: bool = True,
     chunked_loss: bool = True,
+    fsdp: int = 1,
 ) -> Trace:
     """Build ``config``'s model in ``dtype``, apply ``method_cfg`` and trace two steps: on fake tensors (the
-    plan), or with ``fake=False`` on real ones (the same tracker and step, to check the plan on small models)."""
+    plan), or with ``fake=False`` on real ones (the same tracker and step, to check the plan on small models).
+    ``fsdp`` N > 1: shard the model over N ranks with the trainer's FSDP2 code and trace rank 0 (on a fake
+    process group when ``fake``, on the job's real one otherwise)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from slimtune.quant.nf4 import dynamic_map_8bit
@@ -186,6 +191,8 @@ def trace_step(
     dynamic_map_8bit()  # a cached constant table, built from real values before a fake mode starts
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        # the mesh is built from real values, before a fake mode starts
+        mesh = stack.enter_context(_mesh(fsdp, fake)) if fsdp > 1 else None
         # PST keys its mask cache on storage addresses; a fake tensor's is a placeholder, and that is fine here
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
@@ -193,13 +200,39 @@ def trace_step(
             for mode in (FakeTensorMode(allow_non_fake_inputs=True), UnknownValues(), fake_moves()):
                 stack.enter_context(mode)
         trace = _trace(
-            config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss
+            config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss, mesh
         )
     trace.seconds = time.perf_counter() - t0
     return trace
 
 
-def _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss) -> Trace:
+@contextlib.contextmanager
+def _mesh(world: int, fake: bool):
+    """A 1-D device mesh over ``world`` CPU ranks: on PyTorch's fake process group (its collectives do nothing;
+    the planning process is rank 0 of ``world``; removed again on exit, so nothing after sees a job), or with
+    ``fake`` False on the job's initialised group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not fake:
+        if not dist.is_initialized() or dist.get_world_size() != world:
+            raise UserError(f"plan: a real FSDP trace needs a job of {world} processes (torchrun)")
+        yield init_device_mesh("cpu", (world,))
+        return
+    if dist.is_initialized():
+        raise UserError("plan --fsdp: run it as one process (it simulates the ranks)")
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _trace(
+    config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss, mesh=None
+) -> Trace:
     from transformers import AutoModelForCausalLM
 
     from slimtune.methods import apply
@@ -211,6 +244,13 @@ def _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpoin
     if grad_checkpointing:
         enable_checkpointing(adapted)
     held = adapted.memory_report()
+    if mesh is not None:  # the trainer's FSDP2 sharding; the optimizer then holds the shards
+        from slimtune import sharding
+
+        sharding.shard(adapted.model, mesh=mesh)
+        for p in adapted.model.parameters():  # this rank holds its shards of them
+            part = p.numel() - sharding.local(p).numel()
+            held["trainable" if p.requires_grad else "frozen_weights"] -= part * p.element_size()
     optimizer = torch.optim.AdamW(adapted.param_groups(0.0), lr=1e-4)
     ids = torch.randint(3, config.vocab_size, (batch, seq_len))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
