@@ -7,10 +7,10 @@ import sys
 
 import torch
 import torch.distributed as dist
+from tests.test_plan import FSDP_SETTINGS, fsdp_config
 
 from slimtune.methods import make_config
 from slimtune.plan.trace import trace_step
-from tests.test_plan import FSDP_SETTINGS, fsdp_config
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

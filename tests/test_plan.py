@@ -206,8 +206,12 @@ def test_an_fsdp_plan_is_what_rank_0_of_a_real_job_holds(method, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     real = json.loads(out.read_text())
-    fake = trace_step(fsdp_config(), make_config(method, **FSDP_SETTINGS.get(method, {})), 2, 64, torch.float32, fsdp=2)
-    one = trace_step(fsdp_config(), make_config(method, **FSDP_SETTINGS.get(method, {})), 2, 64, torch.float32)
+    fake = trace_step(
+        fsdp_config(), make_config(method, **FSDP_SETTINGS.get(method, {})), 2, 64, torch.float32, fsdp=2
+    )
+    one = trace_step(
+        fsdp_config(), make_config(method, **FSDP_SETTINGS.get(method, {})), 2, 64, torch.float32
+    )
     assert (fake.frozen_bytes, fake.trainable_bytes) == (real["frozen"], real["trainable"])
     for role in ("gradients", "optimizer"):
         assert fake.at_grads[role] == real["at_grads"][role], role
@@ -215,7 +219,9 @@ def test_an_fsdp_plan_is_what_rank_0_of_a_real_job_holds(method, tmp_path):
     print(method, "fake", fake.total, "real", real_total, f"{fake.total / real_total - 1:+.1%}")
     assert real_total <= fake.total <= 1.10 * real_total, (fake.peak, real["peak"])
     # and sharding is visible: this rank holds half the trainable tensors and their optimizer state
-    assert fake.trainable_bytes < one.trainable_bytes and fake.at_grads["optimizer"] < one.at_grads["optimizer"]
+    assert (
+        fake.trainable_bytes < one.trainable_bytes and fake.at_grads["optimizer"] < one.at_grads["optimizer"]
+    )
     assert fake.at_grads["optimizer"] == pytest.approx(one.at_grads["optimizer"] / 2, rel=0.05)
 
 

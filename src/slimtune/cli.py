@@ -330,7 +330,11 @@ def _add_plan_command(sub) -> None:
         "--fit", default="batch", help="with --gpu: search the largest batch (default), seq_len, or none"
     )
     p.add_argument(
-        "--fsdp", type=int, default=1, metavar="N", help="per rank of an FSDP2 job of N processes (--batch per rank)"
+        "--fsdp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="per rank of an FSDP2 job of N processes (--batch per rank)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--require", help="exit 1 unless these methods fit the --gpu budget (comma-separated)")

@@ -80,6 +80,30 @@ def enable_checkpointing(adapted: Adapted) -> None:
         m.enable_input_require_grads()
 
 
+def check_trainable(adapted: Adapted) -> None:
+    """Refuse a method with nothing to train, or one that would train fp16 tensors with AdamW."""
+    if not adapted.trainable_parameters():
+        raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
+    half = [n for n, p in adapted.named_trainable_parameters() if p.dtype == torch.float16]
+    if half:
+        raise UserError(
+            f"model.dtype: method '{adapted.cfg.name}' would train {len(half)} fp16 tensors (e.g. {half[0]}); "
+            "AdamW's eps (1e-8) is 0 in fp16 and small squared gradients underflow, so the update is NaN: "
+            "use model.dtype: bf16, or fp32 weights with train.mixed_precision: fp16 on a GPU"
+        )
+
+
+def apply_memory_settings(adapted: Adapted, cfg: TrainConfig) -> None:
+    """``train.grad_checkpointing``, or ``train.memory: low`` (checkpointing wherever the method allows it)."""
+    if cfg.grad_checkpointing:
+        enable_checkpointing(adapted)
+    elif cfg.memory == "low":
+        try:
+            enable_checkpointing(adapted)
+        except UserError as err:  # low memory still takes the chunked loss
+            log.info("train.memory: low: no gradient checkpointing (%s)", err)
+
+
 def loss_function(adapted: Adapted, model: torch.nn.Module, chunked: bool) -> Callable[[dict], torch.Tensor]:
     """The training loss of one micro-batch: the logit-free loss through the method's :meth:`~Adapted.loss_head`
     when ``chunked`` and the head passes a numeric check on a few tokens, else the model's own ``.loss``.
@@ -131,39 +155,10 @@ class Trainer:
             adapted.cfg.name, configured=cfg.engine, mixed_precision=self.acc.mixed_precision
         )
         self.sharded = engine == "fsdp" and self.acc.num_processes > 1
-        params = adapted.trainable_parameters()
-        if not params:
-            raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
-        half = [n for n, p in adapted.named_trainable_parameters() if p.dtype == torch.float16]
-        if half:
-            raise UserError(
-                f"model.dtype: method '{adapted.cfg.name}' would train {len(half)} fp16 tensors (e.g. {half[0]}); "
-                "AdamW's eps (1e-8) is 0 in fp16 and small squared gradients underflow, so the update is NaN: "
-                "use model.dtype: bf16, or fp32 weights with train.mixed_precision: fp16 on a GPU"
-            )
-        if cfg.grad_checkpointing:
-            enable_checkpointing(adapted)
-        elif cfg.memory == "low":
-            try:
-                enable_checkpointing(adapted)
-            except UserError as err:  # low memory still takes the chunked loss
-                log.info("train.memory: low: no gradient checkpointing (%s)", err)
-        if not self.sharded:  # (FSDP moves each rank's shards to its device)
-            adapted.model.to(self.acc.device)
-        self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
+        check_trainable(adapted)
+        apply_memory_settings(adapted, cfg)
         self.identity = {"method": adapted.cfg.name, **(identity or {})}
-        self._loaded: list[dict | None] = [self._load()] if resume else []
-        if self.sharded:  # FSDP2 in place, then the optimizer again over the shards, with what it holds
-            self.model = sharding.shard(adapted.model, self.acc.mixed_precision)
-            whole_opt, whole_sched = self.optimizer.state_dict(), self.scheduler.state_dict()
-            self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
-            self.scheduler = make_scheduler(self.optimizer, cfg)
-            self.optimizer.load_state_dict(whole_opt)
-            self.scheduler.load_state_dict(whole_sched)
-            sharding.shard_optimizer_state(self.optimizer)
-        else:
-            self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
+        self._place(resume)
         self.loss = loss_function(adapted, self.model, cfg.chunked_loss or cfg.memory == "low")
         self.stream = BatchStream(
             train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
@@ -172,6 +167,27 @@ class Trainer:
         self.skipped = 0  # steps not applied: non-finite loss or gradient (train.on_nonfinite: skip)
         self._skips_in_row = 0
         self.run_log = RunLog(run_dir, cfg.report_to, config, main=self.acc.is_main_process)
+
+    def _place(self, resume: bool) -> None:
+        """The model on its device (or sharded), the optimizer and schedule over it, and with ``resume`` the
+        newest checkpoint read into the whole model first."""
+        adapted, cfg = self.adapted, self.cfg
+        if not self.sharded:  # (FSDP moves each rank's shards to its device)
+            adapted.model.to(self.acc.device)
+        self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self._loaded: list[dict | None] = [self._load()] if resume else []
+        if not self.sharded:
+            self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
+            return
+        # FSDP2 in place, then the optimizer again over the shards, with what it holds
+        self.model = sharding.shard(adapted.model, self.acc.mixed_precision)
+        whole_opt, whole_sched = self.optimizer.state_dict(), self.scheduler.state_dict()
+        self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.optimizer.load_state_dict(whole_opt)
+        self.scheduler.load_state_dict(whole_sched)
+        sharding.shard_optimizer_state(self.optimizer)
 
     # ------------------------------------------------------------ logging
     def _log(self, record: dict) -> None:
