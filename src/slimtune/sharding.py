@@ -67,11 +67,6 @@ def shard(model: nn.Module, mixed_precision: str = "no", mesh=None) -> nn.Module
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    DTensor, _ = _dtensor()
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor; any other tensor itself."""
     DTensor, _ = _dtensor()
