@@ -36,6 +36,18 @@ def _run(
     return rec["losses"], load_file(str(out / "state.safetensors"))
 
 
+_REFERENCES: dict[tuple[str, str], tuple[list[float], dict]] = {}
+
+
+def _one_process(method: str, tmp_path_factory, env: dict | None = None) -> tuple[list[float], dict]:
+    """One process's run of ``method`` (the reference every 2-process case is compared with), computed once per
+    session: in one process every engine is the single-process trainer."""
+    key = (method, json.dumps(env or {}, sort_keys=True))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _run(method, 1, tmp_path_factory.mktemp("one") / "out", env=env)
+    return _REFERENCES[key]
+
+
 def _same(method: str, one: tuple[list[float], dict], two: tuple[list[float], dict]) -> None:
     (one_losses, one), (two_losses, two) = one, two
     assert two_losses == pytest.approx(one_losses, rel=TOL, abs=TOL)
@@ -48,34 +60,36 @@ def _same(method: str, one: tuple[list[float], dict], two: tuple[list[float], di
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "qst", "sat", "pst", "meft"])
-def test_two_ddp_processes_train_like_one(method, tmp_path):
-    _same(method, _run(method, 1, tmp_path / "one"), _run(method, 2, tmp_path / "two"))
+def test_two_ddp_processes_train_like_one(method, tmp_path, tmp_path_factory):
+    _same(method, _one_process(method, tmp_path_factory), _run(method, 2, tmp_path / "two"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*FSDP_METHODS, "qlora:backend=bitsandbytes", "qst:backend=bitsandbytes"])
-def test_two_fsdp_processes_train_like_one(method, tmp_path):
+def test_two_fsdp_processes_train_like_one(method, tmp_path, tmp_path_factory):
     """FSDP2 shards every parameter over the two ranks; the losses and the gathered method state are one
     process's. The second half runs in a new trainer resumed from the checkpoint the first half wrote."""
-    one = _run(method, 1, tmp_path / "one", "fsdp")
+    one = _one_process(method, tmp_path_factory)
     _same(method, one, _run(method, 2, tmp_path / "two", "fsdp", save_at=STEPS // 2))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_with_gradient_checkpointing_and_clipping_train_like_one(engine, tmp_path):
+def test_two_processes_with_gradient_checkpointing_and_clipping_train_like_one(
+    engine, tmp_path, tmp_path_factory
+):
     """Checkpointed activations, and a clipping norm low enough to clip every step (the norm of sharded
     gradients must be the global one)."""
     opts = {"SLIMTUNE_TEST_TRAIN": json.dumps({"grad_checkpointing": True, "max_grad_norm": 0.05})}
-    one = _run("lora", 1, tmp_path / "one", engine, env=opts)
+    one = _one_process("lora", tmp_path_factory, opts)
     _same("lora", one, _run("lora", 2, tmp_path / "two", engine, env=opts))
 
 
 @pytest.mark.slow
-def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path):
+def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path, tmp_path_factory):
     """A checkpoint written under FSDP is the single-process format: one process resumes it."""
     _run("full", 2, tmp_path / "two", "fsdp", save_at=STEPS // 2)
-    one = _run("full", 1, tmp_path / "one", "fsdp")
+    one = _one_process("full", tmp_path_factory)
     run = tmp_path / "two" / "run"
     (tmp_path / "three").mkdir()
     shutil.copytree(run, tmp_path / "three" / "run")

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from slimtune import hostmem
+
 PEERS: dict[str, tuple[str, ...]] = {"hf": ("full", "lora", "qlora")}
 """Peer name → the slimtune methods it has a counterpart for."""
 
@@ -175,6 +177,7 @@ def run_hf(spec: dict) -> dict:
         "setup_s": setup_s,
         "runtime_rss_bytes": runtime,
         "device": "cuda" if cuda else "cpu",
+        "huge_pages": hostmem.huge_pages_on(),
         "peer": spec["peer"],
     }
 

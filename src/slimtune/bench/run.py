@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from slimtune import hostmem
 from slimtune.bench.worker import RUN_KEYS, TRAIN_KEYS
 from slimtune.config import TrainConfig, parse_overrides
 from slimtune.errors import UserError
@@ -180,7 +181,10 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
             capture_output=True,
             text=True,
             timeout=plan.timeout_s,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={
+                **(hostmem.as_users_run(os.environ) if run.get("peer") else os.environ),
+                "PYTHONUNBUFFERED": "1",
+            },
         )
     except subprocess.TimeoutExpired:
         return {**base, "ok": False, "error": f"timed out after {plan.timeout_s} s"}

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from slimtune import memory
+from slimtune import hostmem, memory
 
 
 def reset_host_peak() -> bool:
@@ -360,6 +360,7 @@ def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, loa
         **step_fields(spec, times, losses),
         "setup_s": setup_s,
         "device": str(trainer.acc.device),
+        "huge_pages": hostmem.huge_pages_on(),
         "data": "sentiment text" if tok is not None else "random tokens",
         "traffic": {
             "h2d": dict(adapted.traffic.h2d),
