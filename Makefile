@@ -24,6 +24,8 @@ setup-models: setup
 # trackers, and llama.cpp's HF -> GGUF converter for `slimtune export --format gguf`.
 setup-extras: setup
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,trackers,gguf]"
+	# DeepSpeed builds from its sdist against the installed torch (no CUDA kernels: they compile on first use)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --disable-pip-version-check -q --no-build-isolation "deepspeed==0.19.8"
 	VENV=$(VENV) bash scripts/get-llama-convert.sh
 
 demo: setup

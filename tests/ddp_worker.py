@@ -3,7 +3,7 @@
 tiny Llama with the real Trainer under ENGINE (ddp or fsdp; default ddp) on one global batch of 4 equal-length rows
 (4 / N per rank); rank 0 writes the per-step losses the trainer reports and the final method state (gathered whole
 under FSDP). SAVE_AT: save a checkpoint into OUT_DIR/run after that many steps, then build a fresh trainer that
-resumes from it for the remaining steps (the state must survive the round trip); -1: resume the checkpoint
+resumes from it for the remaining steps (the state must survive the round trip; SAVE_AT = STEPS: only save); -1: resume the checkpoint
 OUT_DIR/run already holds (written by another run) and train to STEPS. SLIMTUNE_TEST_TRAIN: more train settings
 as JSON (gradient checkpointing, clipping)."""
 
@@ -53,6 +53,7 @@ def main(method: str, steps: int, out: Path, engine: str = "ddp", save_at: int =
         losses = [trainer.train_step()[0] for _ in range(save_at or steps)]
     if save_at:
         trainer.save_checkpoint()
+    if 0 < save_at < steps:  # (save_at == steps: only the checkpoint, for another run to resume)
         adapted, trainer = _trainer(method, steps, engine, run_dir, resume=True)
         trainer._resume()
         assert trainer.step == save_at, trainer.step

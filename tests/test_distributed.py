@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimtune.engines import FSDP_METHODS
+from slimtune.engines import DEEPSPEED_METHODS, FSDP_METHODS
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS = 4
@@ -35,6 +35,12 @@ def _run(
     assert rec["sharded"] == (engine == "fsdp" and procs > 1)
     return rec["losses"], load_file(str(out / "state.safetensors"))
 
+
+BNB = ["qlora:backend=bitsandbytes", "qst:backend=bitsandbytes"]
+PARTITION_ALL = {
+    "SLIMTUNE_DEEPSPEED_CONFIG": json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+}
+"""ZeRO-3 keeps tensors under 100k elements whole by default: every tensor of the tiny test model."""
 
 _REFERENCES: dict[tuple[str, str], tuple[list[float], dict]] = {}
 
@@ -65,7 +71,7 @@ def test_two_ddp_processes_train_like_one(method, tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*FSDP_METHODS, "qlora:backend=bitsandbytes", "qst:backend=bitsandbytes"])
+@pytest.mark.parametrize("method", [*FSDP_METHODS, *BNB])
 def test_two_fsdp_processes_train_like_one(method, tmp_path, tmp_path_factory):
     """FSDP2 shards every parameter over the two ranks; the losses and the gathered method state are one
     process's. The second half runs in a new trainer resumed from the checkpoint the first half wrote."""
@@ -74,7 +80,23 @@ def test_two_fsdp_processes_train_like_one(method, tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "method, stage",
+    [(m, 3) for m in [*DEEPSPEED_METHODS, *BNB]] + [(m, 2) for m in ("full", "lora", "qst", BNB[0])],
+)
+def test_two_deepspeed_processes_train_like_one(method, stage, tmp_path, tmp_path_factory):
+    """DeepSpeed ZeRO partitions AdamW's state and the gradients (stage 3: the parameters too) over the two
+    ranks; the losses and the method state gathered for saving are one process's."""
+    zero = {"SLIMTUNE_TEST_TRAIN": json.dumps({"zero_stage": stage}), **PARTITION_ALL}
+    _same(
+        method,
+        _one_process(method, tmp_path_factory),
+        _run(method, 2, tmp_path / "two", "deepspeed", env=zero),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed"])
 def test_two_processes_with_gradient_checkpointing_and_clipping_train_like_one(
     engine, tmp_path, tmp_path_factory
 ):
@@ -112,6 +134,35 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path, tmp_path_factory):
     assert max(float((one[1][k] - three[k]).abs().max()) for k in three) <= 1e-4
 
 
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_resumes_in_one_process_and_not_under_deepspeed(tmp_path, tmp_path_factory):
+    """Under ZeRO-3 the checkpoint gathers the parameters and assembles AdamW's moments from the partitions: one
+    process resumes it to the same losses and state as a run never stopped. Resuming under DeepSpeed is refused
+    with one line (not built)."""
+    zero = {"SLIMTUNE_TEST_TRAIN": json.dumps({"zero_stage": 3}), **PARTITION_ALL}
+    half = STEPS // 2
+    out = tmp_path / "two"
+    out.mkdir()
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node"]
+    env = {**os.environ, **zero}
+    cmd = [str(WORKER), "lora", str(half), str(out), "deepspeed", str(half)]
+    proc = subprocess.run(torchrun + ["2"] + cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _one_process("lora", tmp_path_factory)
+    (tmp_path / "three").mkdir()
+    shutil.copytree(out / "run", tmp_path / "three" / "run")
+    cmd = [str(WORKER), "lora", str(STEPS), str(tmp_path / "three"), "ddp", "-1"]
+    proc = subprocess.run(torchrun + ["1"] + cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "three" / "losses.json").read_text())
+    assert rec["losses"] == pytest.approx(one[0][half:], rel=TOL, abs=TOL)
+    three = load_file(str(tmp_path / "three" / "state.safetensors"))
+    assert max(float((one[1][k] - three[k]).abs().max()) for k in three) <= 1e-4
+    cmd = [str(WORKER), "lora", str(STEPS), str(out), "deepspeed", "-1"]
+    proc = subprocess.run(torchrun + ["2"] + cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "--resume under deepspeed: not built" in proc.stderr
+
+
 def _initial(method: str) -> dict:
     from slimtune.capabilities import adapt
 
@@ -141,6 +192,28 @@ def test_the_launched_engine_is_read_from_the_launcher(env, engine):
     from slimtune.engines import launched_engine
 
     assert launched_engine(env) == engine
+
+
+def test_the_zero_stage_and_the_deepspeed_config_a_user_gives_are_the_ones_used(monkeypatch):
+    from slimtune.engines import zero_stage
+    from slimtune.errors import UserError
+    from slimtune.zero import CONFIG_ENV, ds_config
+
+    assert zero_stage(2, {}) == 2 and zero_stage(2, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == 3
+    with pytest.raises(UserError, match="ZeRO stage 1"):
+        zero_stage(2, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+    base = ds_config(4, 2, 1.0, 3, "no")
+    assert base["zero_optimization"] == {"stage": 3} and base["gradient_accumulation_steps"] == 2
+    monkeypatch.setenv(CONFIG_ENV, '{"zero_optimization": {"overlap_comm": true}, "gradient_clipping": 0.5}')
+    merged = ds_config(4, 2, 1.0, 3, "no")
+    assert (
+        merged["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+        and merged["gradient_clipping"] == 0.5
+    )
+    for bad, says in (("{oops", "not JSON"), ("[1]", "a JSON object is needed")):
+        monkeypatch.setenv(CONFIG_ENV, bad)
+        with pytest.raises(UserError, match=says):
+            ds_config(4, 2, 1.0, 3, "no")
 
 
 def test_an_unsupported_pair_exits_2_before_the_model_loads(tmp_path, monkeypatch, capsys):

@@ -113,7 +113,11 @@ class TrainConfig(Checked):
     engine: str = "auto"
     """How the processes of a multi-process launch share the work: auto (what the launch says: DDP, or FSDP
     under ``accelerate launch --use_fsdp``) | ddp | fsdp (FSDP2: parameters, gradients and optimizer state
-    sharded over the processes; docs/distributed.md). One process ignores it."""
+    sharded over the processes) | deepspeed (ZeRO, stage ``zero_stage``; docs/distributed.md). One process
+    ignores it."""
+    zero_stage: int = 2
+    """Under ``engine: deepspeed``: 2 (AdamW's state and the gradients partitioned over the processes) or 3 (the
+    parameters too)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     save_every: int = 0
@@ -162,7 +166,8 @@ class TrainConfig(Checked):
             )
         out += choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         out += choice("memory", self.memory, ("standard", "low"))
-        out += choice("engine", self.engine, ("auto", "ddp", "fsdp"))
+        out += choice("engine", self.engine, ("auto", "ddp", "fsdp", "deepspeed"))
+        out += choice("zero_stage", self.zero_stage, (2, 3))
         if not isinstance(self.report_to, list) or not all(isinstance(x, str) for x in self.report_to):
             out.append(
                 ("report_to", f"{self.report_to!r} must be a list of names, e.g. [tensorboard, jsonl]")

@@ -2,7 +2,7 @@
 
 An engine is how the job was launched: ``single`` (one process), ``ddp`` (``torchrun`` or ``accelerate launch
 --multi_gpu``: every rank holds the model, gradients are averaged), ``fsdp`` (FSDP2: ``train.engine: fsdp``, or ``accelerate
-launch --use_fsdp``), ``deepspeed`` (``accelerate launch --use_deepspeed``). The status of a pair is ``yes`` (a 2-process
+launch --use_fsdp``), ``deepspeed`` (ZeRO-2/3: ``train.engine: deepspeed``, or ``accelerate launch --use_deepspeed``). The status of a pair is ``yes`` (a 2-process
 equivalence test passes on this CPU: tests/test_distributed.py) or ``no`` with the reason and what to use instead.
 docs/distributed.md shows :func:`render`'s table; a test fails when the two disagree.
 """
@@ -17,15 +17,13 @@ from slimtune.errors import UserError
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 TRAINER_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst", "meft")
 
-_DEEPSPEED = (
-    "not built yet: the trainer does not drive DeepSpeed's engine (DeepSpeed 0.19.8 itself installs from PyPI and "
-    "runs ZeRO-2 with 2 CPU processes over gloo here, so it can be tested)"
-)
 _MEFT_SHARD = (
     "MEFT's adapter lives in host memory outside the model: there is nothing for FSDP or ZeRO to shard"
 )
 FSDP_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst")
 """Methods with a 2-process FSDP2 equivalence test (tests/test_distributed.py)."""
+DEEPSPEED_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst")
+"""Methods with 2-process DeepSpeed ZeRO-2 and ZeRO-3 equivalence tests (tests/test_distributed.py)."""
 
 
 def status(method: str, engine: str) -> tuple[bool, str]:
@@ -36,7 +34,7 @@ def status(method: str, engine: str) -> tuple[bool, str]:
         return False, _MEFT_SHARD
     if engine == "fsdp":
         return method in FSDP_METHODS, "2-process equivalence test"
-    return False, _DEEPSPEED
+    return method in DEEPSPEED_METHODS, "2-process equivalence tests, ZeRO-2 and ZeRO-3"
 
 
 OPTIONS = (
@@ -54,8 +52,6 @@ _NO_OFFLOAD = (
 
 def option_status(engine: str, option: str) -> tuple[str, str]:
     """(yes | no | untested, why) for a training option under ``engine``; ``no`` is refused before loading."""
-    if engine == "deepspeed":
-        return "no", _DEEPSPEED
     if option == "CPU offload":
         return "no", _NO_OFFLOAD
     if option == "mixed_precision: fp16" and engine == "fsdp":
@@ -73,7 +69,7 @@ def launched_engine(env: Mapping[str, str] | None = None, configured: str = "aut
     """The engine this process runs under: ``configured`` (``train.engine``) when it names one, else what the
     launchers' environment variables say."""
     env = os.environ if env is None else env
-    if configured in ("ddp", "fsdp"):
+    if configured in ("ddp", "fsdp", "deepspeed"):
         return configured if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return "deepspeed"
@@ -94,6 +90,14 @@ def require_supported(
             f"train.mixed_precision: {mixed_precision} under {engine}: {option_status(engine, option)[1]}"
         )
     ok, why = status(method, engine)
+    if ok and engine == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(
+                "train.engine: deepspeed needs the deepspeed package (`make setup-extras`, or "
+                "`DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed`)"
+            )
     if not ok:
         raise UserError(
             f"method '{method}' under {engine}: {why}; launch it with DDP instead "
@@ -101,6 +105,16 @@ def require_supported(
             f"`accelerate launch --multi_gpu -m slimtune.cli train CONFIG` on GPUs)"
         )
     return engine
+
+
+def zero_stage(configured: int, env: Mapping[str, str] | None = None) -> int:
+    """The ZeRO stage of a DeepSpeed job: ``accelerate launch --zero_stage N`` when it says one, else
+    ``train.zero_stage``."""
+    env = os.environ if env is None else env
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(configured))
+    if stage not in ("2", "3"):
+        raise UserError(f"ZeRO stage {stage} (ACCELERATE_DEEPSPEED_ZERO_STAGE): slimtune runs stages 2 and 3")
+    return int(stage)
 
 
 def world_size(group=None) -> int:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slimtune import memory, sharding
+from slimtune import memory, sharding, zero
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
-from slimtune.engines import require_supported
+from slimtune.engines import require_supported, zero_stage
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
 from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
@@ -155,11 +155,27 @@ class Trainer:
             adapted.cfg.name, configured=cfg.engine, mixed_precision=self.acc.mixed_precision
         )
         self.sharded = engine == "fsdp" and self.acc.num_processes > 1
+        self.zero = zero_stage(cfg.zero_stage) if engine == "deepspeed" and self.acc.num_processes > 1 else 0
+        self.engine = (
+            "single"
+            if self.acc.num_processes == 1
+            else f"deepspeed ZeRO-{self.zero}"
+            if self.zero
+            else engine
+        )
+        if self.zero and resume:
+            raise UserError(
+                "--resume under deepspeed: not built (DeepSpeed builds AdamW's state from the tensors it "
+                "partitions); the checkpoint is the single-process format: resume it under train.engine=ddp or "
+                "fsdp, or in one process"
+            )
         check_trainable(adapted)
         apply_memory_settings(adapted, cfg)
         self.identity = {"method": adapted.cfg.name, **(identity or {})}
         self._place(resume)
-        self.loss = loss_function(adapted, self.model, cfg.chunked_loss or cfg.memory == "low")
+        # (under ZeRO-3 the head's weight is whole only inside the model's forward: the model's own loss)
+        chunked = (cfg.chunked_loss or cfg.memory == "low") and self.zero < 3
+        self.loss = loss_function(adapted, self.model, chunked)
         self.stream = BatchStream(
             train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
         )
@@ -177,6 +193,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(adapted.param_groups(cfg.weight_decay), lr=cfg.lr)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self._loaded: list[dict | None] = [self._load()] if resume else []
+        if self.zero:  # the order of AdamW's tensors and its settings, to save its state as one process would
+            self._groups = [list(g["params"]) for g in self.optimizer.param_groups]
+            self._hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            config = zero.ds_config(
+                cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm, self.zero, self.acc.mixed_precision
+            )
+            self.model, self.optimizer = zero.wrap(adapted.model, self.optimizer, config)
+            return
         if not self.sharded:
             self.model, self.optimizer = self.acc.prepare(adapted.model, self.optimizer)
             return
@@ -211,6 +235,12 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def _micro_step(self, batch: dict, last: bool) -> tuple[float, int]:
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        if self.zero:  # DeepSpeed divides the loss by grad_accum and reduces at the last micro-batch itself
+            self.model.set_gradient_accumulation_boundary(last)
+            with self.acc.autocast():
+                loss = self.loss(batch)
+                self.model.backward(loss)
+            return loss.item(), int(batch["attention_mask"].sum())
         if self.sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
             self.model.set_requires_gradient_sync(last)
             sync = nullcontext()
@@ -245,16 +275,13 @@ class Trainer:
         fault = self._nonfinite(losses)
         if fault is None:
             self._skips_in_row = 0
-            if cfg.max_grad_norm is not None:
-                params = adapted.trainable_parameters()
-                if (
-                    self.sharded
-                ):  # torch's clip takes sharded gradients (accelerate's knows only prepared models)
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                else:
-                    norm = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                grad_norm = float(sharding.whole(norm))
-            self.optimizer.step()
+            if self.zero:  # clipping, AdamW and zeroing the gradients, in the engine
+                self.model.step()
+                norm = self.model.get_global_grad_norm() if cfg.max_grad_norm is not None else None
+                grad_norm = None if norm is None else float(norm)
+            else:
+                grad_norm = self._clip()
+                self.optimizer.step()
             adapted.optimizer_step(self.optimizer)
         else:
             with torch.no_grad():
@@ -275,6 +302,17 @@ class Trainer:
             loss, tokens = float(both[0]) / self.acc.num_processes, int(both[1])
         return loss, tokens, grad_norm
 
+    def _clip(self) -> float | None:
+        """Clip the gradients to ``train.max_grad_norm``; their global norm before clipping (None: no clipping)."""
+        if self.cfg.max_grad_norm is None:
+            return None
+        params = self.adapted.trainable_parameters()
+        if self.sharded:  # torch's clip takes sharded gradients (accelerate's knows only prepared models)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        else:
+            norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        return float(sharding.whole(norm))
+
     def _nonfinite(self, losses: list[float]) -> str | None:
         """What is non-finite in this step (the loss, or a named gradient), or None; agreed by every rank.
         Under fp16 loss scaling the gradients are left to the scaler: an inf there is its signal to lower the
@@ -292,9 +330,10 @@ class Trainer:
         self.skipped += 1
         self._skips_in_row += 1
         what = f"step {self.step + 1}: non-finite {fault}"
-        if self.cfg.on_nonfinite == "stop" or self._skips_in_row >= MAX_SKIPS_IN_ROW:
+        if self.cfg.on_nonfinite == "stop" or self._skips_in_row >= MAX_SKIPS_IN_ROW or self.zero:
             why = "train.on_nonfinite: stop" if self.cfg.on_nonfinite == "stop" else (
-                f"{MAX_SKIPS_IN_ROW} non-finite steps in a row"
+                f"{MAX_SKIPS_IN_ROW} non-finite steps in a row" if not self.zero
+                else "under deepspeed a step is not skipped: ZeRO holds its reduced gradients until it steps"
             )  # fmt: skip
             self.save_checkpoint(data_state=data_before)
             raise RunStopped(
@@ -309,6 +348,8 @@ class Trainer:
     def whole_model(self):
         """A context in which the adapted model's parameters are whole on every rank (FSDP: gathered from the
         shards; every rank must enter), so the method's state can be saved as one process saves it."""
+        if self.zero:
+            return zero.full_parameters(self.model, self.zero)
         return sharding.full_parameters(self.model) if self.sharded else nullcontext()
 
     def _load(self) -> dict | None:
@@ -430,6 +471,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         with self.whole_model():
             optimizer_state = sharding.full_optimizer_state(self.optimizer) if self.sharded else None
+            if self.zero:
+                optimizer_state = zero.full_optimizer_state(self._groups, self._hyper, self.optimizer)
             if self.acc.is_main_process:
                 save_checkpoint(
                     self.run_dir,
