@@ -186,3 +186,27 @@ def test_bench_peer_and_train_settings_are_checked():
         plan_from_args("lora", None, ["lora.memory=tiny"])
     plan = plan_from_args("full,lora,qst", None, ["lora.memory=low"], peers="hf")
     assert plan.peers == ["hf"] and plan.runs[1]["settings"] == {"memory": "low"}
+
+
+@pytest.mark.slow
+def test_bench_under_two_processes_reports_every_ranks_peak(tmp_path):
+    """`bench --procs 2`: each run under torchrun, the engine a setting; rank 0 reports the peaks of both ranks,
+    the largest is the run's, and tokens/s counts both ranks' rows."""
+    plan = plan_from_args("lora", None, ["lora.engine=fsdp"], model="tiny", batch=2, seq_len=16, steps=2,
+                          warmup=1, threads=1, procs=2)  # fmt: skip
+    res = bench(plan, tmp_path / "out", echo=lambda *_: None)
+    (r,) = res["runs"]
+    assert r["ok"], r.get("error")
+    assert r["processes"] == 2 and r["engine"] == "fsdp" and len(r["peak_bytes_per_rank"]) == 2
+    assert r["peak_bytes"] == max(r["peak_bytes_per_rank"]) > 0
+    assert r["tokens_per_s"] == pytest.approx(2 * 2 * 16 / r["step_time_median_s"])
+    assert "lora[engine=fsdp], 2 procs, fsdp" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_bench_processes_are_checked():
+    with pytest.raises(UserError, match="--procs: 0 must be >= 1"):
+        plan_from_args("lora", None, [], procs=0)
+    with pytest.raises(UserError, match="the peers run in one process"):
+        plan_from_args("lora", None, [], peers="hf", procs=2)
+    with pytest.raises(ConfigError, match="engine: 'zero' is not one of"):
+        plan_from_args("lora", None, ["lora.engine=zero"])

@@ -135,30 +135,33 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_deepspeed_checkpoint_resumes_in_one_process_and_not_under_deepspeed(tmp_path, tmp_path_factory):
-    """Under ZeRO-3 the checkpoint gathers the parameters and assembles AdamW's moments from the partitions: one
-    process resumes it to the same losses and state as a run never stopped. Resuming under DeepSpeed is refused
-    with one line (not built)."""
-    zero = {"SLIMTUNE_TEST_TRAIN": json.dumps({"zero_stage": 3}), **PARTITION_ALL}
+@pytest.mark.parametrize("method, stage", [("lora", 3), ("full", 2)])
+def test_a_deepspeed_checkpoint_resumes_in_one_process_and_not_under_deepspeed(
+    method, stage, tmp_path, tmp_path_factory
+):
+    """The checkpoint gathers the parameters (ZeRO-3) and assembles AdamW's moments from the partitions (ZeRO-2:
+    two parameter groups, slices on both ranks): one process resumes it to the same losses and state as a run
+    never stopped. Resuming under DeepSpeed is refused with one line (not built)."""
+    zero = {"SLIMTUNE_TEST_TRAIN": json.dumps({"zero_stage": stage}), **PARTITION_ALL}
     half = STEPS // 2
     out = tmp_path / "two"
     out.mkdir()
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node"]
     env = {**os.environ, **zero}
-    cmd = [str(WORKER), "lora", str(half), str(out), "deepspeed", str(half)]
+    cmd = [str(WORKER), method, str(half), str(out), "deepspeed", str(half)]
     proc = subprocess.run(torchrun + ["2"] + cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = _one_process("lora", tmp_path_factory)
+    one = _one_process(method, tmp_path_factory)
     (tmp_path / "three").mkdir()
     shutil.copytree(out / "run", tmp_path / "three" / "run")
-    cmd = [str(WORKER), "lora", str(STEPS), str(tmp_path / "three"), "ddp", "-1"]
+    cmd = [str(WORKER), method, str(STEPS), str(tmp_path / "three"), "ddp", "-1"]
     proc = subprocess.run(torchrun + ["1"] + cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((tmp_path / "three" / "losses.json").read_text())
     assert rec["losses"] == pytest.approx(one[0][half:], rel=TOL, abs=TOL)
     three = load_file(str(tmp_path / "three" / "state.safetensors"))
     assert max(float((one[1][k] - three[k]).abs().max()) for k in three) <= 1e-4
-    cmd = [str(WORKER), "lora", str(STEPS), str(out), "deepspeed", "-1"]
+    cmd = [str(WORKER), method, str(STEPS), str(out), "deepspeed", "-1"]
     proc = subprocess.run(torchrun + ["2"] + cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0 and "--resume under deepspeed: not built" in proc.stderr
 

@@ -155,6 +155,7 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         timeout_s=args.timeout,
         peers=args.peers,
+        procs=args.procs,
     )
     results = bench(plan, args.out)
     print((Path(args.out) / "results.md").read_text())
@@ -305,6 +306,11 @@ def _add_bench_command(sub) -> None:
         "--peers",
         help="also measure what users run instead, on the same rows: 'hf' = transformers.Trainer (+ peft) "
         "for each full / lora / qlora run",
+    )
+    b.add_argument(
+        "--procs",
+        type=int,
+        help="processes per slimtune run (torchrun; default 1); a run's engine is a setting, e.g. lora.engine=fsdp",
     )
     b.add_argument("--out", required=True, help="new directory for results.json/.md/.png")
     b.set_defaults(fn=cmd_bench)

@@ -81,23 +81,54 @@ def full_parameters(engine, stage: int):
 
 
 def full_optimizer_state(groups: list[list[nn.Parameter]], hyper: list[dict], zero_optimizer) -> dict:
-    """AdamW's ``state_dict()`` as one process would hold it, assembled from the ZeRO partitions (a collective
-    under ZeRO-3): ``groups`` the trainable tensors of each parameter group in the order the AdamW was built
-    with, ``hyper`` its groups' settings."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
+    """AdamW's ``state_dict()`` as one process would hold it, assembled from the ZeRO partitions (a collective):
+    ``groups`` the trainable tensors of each parameter group in the order the AdamW was built with, ``hyper`` its
+    groups' settings."""
     step = _step(zero_optimizer)
+    moments = _zero2_moments(zero_optimizer) if hasattr(zero_optimizer, "bit16_groups") else None
     state, index, out_groups = {}, 0, []
     for params, settings in zip(groups, hyper):
         ids = []
         for p in params:
-            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
-            if all(v is not None for v in moments.values()):
-                state[index] = {"step": step.clone(), **{k: v.detach().cpu() for k, v in moments.items()}}
+            found = moments.get(id(p)) if moments is not None else _zero3_moments(p)
+            if found:
+                state[index] = {"step": step.clone(), **found}
             ids.append(index)
             index += 1
-        out_groups.append({**{k: v for k, v in settings.items() if k != "params"}, "params": ids})
+        out_groups.append({**settings, "params": ids})
     return {"state": state, "param_groups": out_groups}
+
+
+def _zero2_moments(zero_optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    """ZeRO-2: every rank holds an equal slice of each group's flat fp32 AdamW state, in the order of the group's
+    tensors (padding at the end); all-gathered here and cut back into the tensors' shapes, keyed by ``id``.
+    (DeepSpeed's ``safe_get_full_optimizer_state`` fails here on a tensor whose slice lies on another rank.)"""
+    import torch.distributed as dist
+
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for i, params in enumerate(zero_optimizer.bit16_groups):
+        flat = zero_optimizer.single_partition_of_fp32_groups[i]
+        state = zero_optimizer.optimizer.state[flat]
+        group = zero_optimizer.real_dp_process_group[i]
+        for key in ("exp_avg", "exp_avg_sq"):
+            parts = [torch.empty_like(state[key]) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, state[key].contiguous(), group=group)
+            whole, offset = torch.cat(parts).cpu(), 0
+            for p in params:
+                out.setdefault(id(p), {})[key] = whole[offset : offset + p.numel()].view(p.shape).clone()
+                offset += p.numel()
+    return out
+
+
+def _zero3_moments(p: nn.Parameter) -> dict[str, torch.Tensor] | None:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    found = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+    return (
+        {k: v.detach().cpu() for k, v in found.items()}
+        if all(v is not None for v in found.values())
+        else None
+    )
 
 
 def _step(zero_optimizer) -> torch.Tensor:

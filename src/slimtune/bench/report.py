@@ -35,8 +35,11 @@ def _run_rows(results: dict) -> list[str]:
                 f"{r['step_time_median_s']:.3f} | {r['tokens_per_s']:.0f} | | | | |"
             )
         elif r.get("ok"):
+            per_rank = r.get("peak_bytes_per_rank")  # several processes: the largest, then every rank's
+            peak = _gb(r["peak_bytes"]) + (f" (ranks {', '.join(map(_gb, per_rank))})" if per_rank else "")
+            name = r["label"] + (f", {r['processes']} procs, {r['engine']}" if per_rank else "")
             lines.append(
-                f"| {r['label']} | yes | {r['trainable_params']:,} | {_gb(r['peak_bytes'])} | "
+                f"| {name} | yes | {r['trainable_params']:,} | {peak} | "
                 f"{r['step_time_median_s']:.3f} | {r['tokens_per_s']:.0f} | {r['loss_first']:.3f} → "
                 f"{r['loss_last']:.3f} | {ratio.get('baseline', '—')} | {_x(ratio.get('memory'))} | "
                 f"{_x(ratio.get('speed'))} |"

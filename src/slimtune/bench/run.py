@@ -44,6 +44,7 @@ class BenchPlan:
     dtype: str = "auto"
     timeout_s: int = 1800
     peers: list[str] = field(default_factory=list)  # e.g. ["hf"]: slimtune.bench.peers
+    procs: int = 1  # processes per slimtune run (torchrun); the run's settings may name its engine
     runs: list[dict] = field(default_factory=list)  # [{"method": ..., "settings": {...}}]
 
 
@@ -83,6 +84,10 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
     if not plan.runs:
         raise UserError("bench: name the methods (--methods full,lora,qlora) or give a YAML with runs:")
     _check_peers(plan)
+    if plan.procs < 1:
+        raise UserError(f"bench --procs: {plan.procs} must be >= 1")
+    if plan.procs > 1 and plan.peers:
+        raise UserError("bench --procs with --peers: the peers run in one process; measure them separately")
     extra = parse_overrides(overrides) if overrides else {}
     for name in extra:
         if name not in METHODS:
@@ -165,6 +170,7 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
         "threads": plan.threads,
         "dtype": plan.dtype,
         "peer": run.get("peer"),
+        "procs": 1 if run.get("peer") else plan.procs,
     }
     name = label(run).replace("/", "_")
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
@@ -177,7 +183,7 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
     }
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", WORKERS[bool(run.get("peer"))], str(spec_path), str(out_path)],
+            [*_launcher(spec["procs"]), "-m", WORKERS[bool(run.get("peer"))], str(spec_path), str(out_path)],
             capture_output=True,
             text=True,
             timeout=plan.timeout_s,
@@ -192,6 +198,14 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
         return {**base, **json.loads(out_path.read_text())}
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {**base, "ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+def _launcher(procs: int) -> list[str]:
+    """The command that starts a worker: this Python, or torchrun with ``procs`` processes (gloo on CPUs)."""
+    if procs == 1:
+        return [sys.executable]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return [str(torchrun), "--nproc_per_node", str(procs), "--no-python", sys.executable]
 
 
 def ratios(runs: list[dict]) -> dict:

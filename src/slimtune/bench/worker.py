@@ -130,7 +130,7 @@ def run_nf4_forward(spec: dict) -> dict:
     }
 
 
-TRAIN_KEYS = ("memory", "chunked_loss", "grad_checkpointing")
+TRAIN_KEYS = ("memory", "chunked_loss", "grad_checkpointing", "engine", "zero_stage")
 """Training settings a bench run may set (``lora[memory=low]``), beside the method's own."""
 RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
 """Keys of a bench run's ``settings`` that are not the method's."""
@@ -153,6 +153,8 @@ def run_config(spec: dict):
         grad_checkpointing=bool(given.get("grad_checkpointing", spec.get("grad_checkpointing", False))),
         chunked_loss=bool(given.get("chunked_loss", True)),
         memory=given.get("memory", "standard"),
+        engine=given.get("engine", "auto"),
+        zero_stage=int(given.get("zero_stage", 2)),
         seed=spec.get("seed", 0),
         threads=spec.get("threads"),
     )
@@ -248,6 +250,10 @@ def run(spec: dict) -> dict:
             role_bytes["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
 
         losses, times = _timed_steps(trainer, spec, snapshot)
+        if trainer.acc.num_processes > 1:
+            return _per_rank_measurement(
+                spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok
+            )
         flops = _count_flops(trainer)
         first = {k: torch.tensor(v[: spec["batch"]], device=trainer.acc.device) for k, v in
                  (("input_ids", rows), ("labels", rows))}  # fmt: skip
@@ -266,6 +272,26 @@ def run(spec: dict) -> dict:
     loss_path = "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model"
     out = {**out, "compute": compute, "loss_path": loss_path, "loss_term_bytes": loss_bytes}
     return {**out, "runtime_rss_bytes": runtime, "plan": _prediction(spec, adapted, cfg)}
+
+
+def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:
+    """A run under several processes: the peaks of every rank (the largest is the run's), tokens/s of all ranks
+    together. The FLOP count, the loss term and the plan are single-process measurements and are left out."""
+    out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
+    per_rank = trainer._per_rank(out["peak_bytes"])
+    n = trainer.acc.num_processes
+    return {
+        **out,
+        "peak_bytes": max(per_rank),
+        "peak_rss_bytes": max(per_rank)
+        if out["cuda_peak_allocated_bytes"] is None
+        else out["peak_rss_bytes"],
+        "peak_bytes_per_rank": per_rank,
+        "tokens_per_s": out["tokens_per_s"] * n,
+        "processes": n,
+        "engine": trainer.engine,
+        "plan": {},
+    }
 
 
 def loss_term_bytes(adapted, model, batch: dict) -> dict[str, int] | None:
@@ -388,7 +414,10 @@ def main(argv: list[str] | None = None, fn=None) -> int:
         result = {"ok": True, "error": None, **fn(spec)}
     except Exception as err:  # recorded, so the other runs still go on
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    out.write_text(json.dumps(result))
+    if (
+        int(os.environ.get("RANK", "0")) == 0
+    ):  # under torchrun: rank 0 reports (it gathered every rank's peak)
+        out.write_text(json.dumps(result))
     return 0 if result["ok"] else 1
 
 
