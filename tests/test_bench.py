@@ -201,6 +201,10 @@ def test_bench_under_two_processes_reports_every_ranks_peak(tmp_path):
     assert r["peak_bytes"] == max(r["peak_bytes_per_rank"]) > 0
     assert r["tokens_per_s"] == pytest.approx(2 * 2 * 16 / r["step_time_median_s"])
     assert "lora[engine=fsdp], 2 procs, fsdp" in (tmp_path / "out" / "results.md").read_text()
+    from slimtune.models import tiny_llama
+
+    whole = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())  # (LoRA's A/B come on top)
+    assert r["memory_by_role"]["frozen_weights"] == whole // 2  # each rank holds its shard, not the whole
 
 
 def test_bench_processes_are_checked():

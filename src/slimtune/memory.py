@@ -14,6 +14,9 @@ ROLES = ("frozen_weights", "trainable", "gradients", "optimizer", "buffers", "ho
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    """Bytes this process holds for ``t`` (a sharded DTensor: this rank's shard)."""
+    local = getattr(t, "to_local", None)
+    t = local() if callable(local) else t
     return t.numel() * t.element_size()
 
 

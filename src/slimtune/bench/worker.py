@@ -277,6 +277,8 @@ def run(spec: dict) -> dict:
 def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:
     """A run under several processes: the peaks of every rank (the largest is the run's), tokens/s of all ranks
     together. The FLOP count, the loss term and the plan are single-process measurements and are left out."""
+    from slimtune.losses import LogitFreeLoss
+
     out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
     per_rank = trainer._per_rank(out["peak_bytes"])
     n = trainer.acc.num_processes
@@ -290,6 +292,7 @@ def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, set
         "tokens_per_s": out["tokens_per_s"] * n,
         "processes": n,
         "engine": trainer.engine,
+        "loss_path": "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model",
         "plan": {},
     }
 
