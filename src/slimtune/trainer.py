@@ -156,13 +156,9 @@ class Trainer:
         )
         self.sharded = engine == "fsdp" and self.acc.num_processes > 1
         self.zero = zero_stage(cfg.zero_stage) if engine == "deepspeed" and self.acc.num_processes > 1 else 0
-        self.engine = (
-            "single"
-            if self.acc.num_processes == 1
-            else f"deepspeed ZeRO-{self.zero}"
-            if self.zero
-            else engine
-        )
+        self.engine = engine if self.acc.num_processes > 1 else "single"  # (results.json: what ran)
+        if self.zero:
+            self.engine = f"deepspeed ZeRO-{self.zero}"
         if self.zero and resume:
             raise UserError(
                 "--resume under deepspeed: not built (DeepSpeed builds AdamW's state from the tensors it "
