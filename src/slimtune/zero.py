@@ -25,7 +25,6 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-STAGES = (2, 3)
 CONFIG_ENV = "SLIMTUNE_DEEPSPEED_CONFIG"
 """JSON merged over the config slimtune builds (DeepSpeed settings slimtune has no key for; not in the tested
 matrix)."""

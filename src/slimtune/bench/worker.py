@@ -267,18 +267,20 @@ def run(spec: dict) -> dict:
         "flop_limit_step_s": flops / rate,
         "flop_share": flops / rate / out["step_time_median_s"],
     }
+    out = {**out, "compute": compute, "loss_path": _loss_path(trainer), "loss_term_bytes": loss_bytes}
+    return {**out, "runtime_rss_bytes": runtime, "plan": _prediction(spec, adapted, cfg)}
+
+
+def _loss_path(trainer) -> str:
+    """Which loss the run trained with: the logit-free ``chunked`` one, or the ``model``'s own."""
     from slimtune.losses import LogitFreeLoss
 
-    loss_path = "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model"
-    out = {**out, "compute": compute, "loss_path": loss_path, "loss_term_bytes": loss_bytes}
-    return {**out, "runtime_rss_bytes": runtime, "plan": _prediction(spec, adapted, cfg)}
+    return "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model"
 
 
 def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:
     """A run under several processes: the peaks of every rank (the largest is the run's), tokens/s of all ranks
     together. The FLOP count, the loss term and the plan are single-process measurements and are left out."""
-    from slimtune.losses import LogitFreeLoss
-
     out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
     per_rank = trainer._per_rank(out["peak_bytes"])
     n = trainer.acc.num_processes
@@ -292,7 +294,7 @@ def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, set
         "tokens_per_s": out["tokens_per_s"] * n,
         "processes": n,
         "engine": trainer.engine,
-        "loss_path": "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model",
+        "loss_path": _loss_path(trainer),
         "plan": {},
     }
 
@@ -417,9 +419,7 @@ def main(argv: list[str] | None = None, fn=None) -> int:
         result = {"ok": True, "error": None, **fn(spec)}
     except Exception as err:  # recorded, so the other runs still go on
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    if (
-        int(os.environ.get("RANK", "0")) == 0
-    ):  # under torchrun: rank 0 reports (it gathered every rank's peak)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 reports (it gathered every rank's peak)
         out.write_text(json.dumps(result))
     return 0 if result["ok"] else 1
 
