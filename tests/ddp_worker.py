@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimtune.capabilities import SETTINGS, adapt, batch, trainer_for
+from slimtune.engines import end_job
 
 
 def _trainer(method: str, steps: int, engine: str, run_dir: Path, resume: bool = False):
@@ -64,6 +65,7 @@ def main(method: str, steps: int, out: Path, engine: str = "ddp", save_at: int =
         save_file(state, str(out / "state.safetensors"))
         rec = {"losses": losses, "world": trainer.acc.num_processes, "sharded": trainer.sharded}
         (out / "losses.json").write_text(json.dumps(rec))
+    end_job(0)
 
 
 if __name__ == "__main__":

@@ -250,3 +250,25 @@ def test_an_unsupported_setting_exits_2_before_the_model_loads(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"slimtune: error: {says}") and "\n" not in err
     assert "no-such-model" not in err
+
+
+_RANK = """
+import sys, torch.distributed as dist
+from slimtune.cli import main
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+main(sys.argv[2:])
+print("the interpreter went on")
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["list"], 0), (["validate", "missing.yaml"], 2)])
+def test_a_rank_of_a_job_ends_with_the_commands_code_and_no_teardown(args, code, tmp_path):
+    """A rank of a torchrun job ends right after its command, with its exit code, without the interpreter's
+    teardown (where gloo's threads can abort or deadlock a finished rank: engines.end_job)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _RANK, str(tmp_path / "store"), *args],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "the interpreter went on" not in proc.stdout
+    assert ("methods" in proc.stdout) if code == 0 else ("missing.yaml" in proc.stderr)

@@ -383,6 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. A rank of a torchrun / accelerate job ends here (:func:`end_job`)."""
+    from slimtune.engines import end_job
+
+    code = _command(argv)
+    end_job(code)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
     try:

@@ -421,6 +421,9 @@ def main(argv: list[str] | None = None, fn=None) -> int:
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 reports (it gathered every rank's peak)
         out.write_text(json.dumps(result))
+    from slimtune.engines import end_job
+
+    end_job(0 if result["ok"] else 1)
     return 0 if result["ok"] else 1
 
 
