@@ -55,8 +55,11 @@ def test_the_plan_sees_checkpointing_the_chunked_loss_and_its_flops():
     assert ckpt.flops > 1.2 * plain.flops  # the recomputed forward
 
 
-def test_full_fine_tuning_roles_are_what_adamw_holds():
-    config = family_config("llama", **SMALL)
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_fine_tuning_roles_are_what_adamw_holds(tied):
+    """Every parameter's gradient counts as one: also an untied LM head's, which the chunked loss uses without
+    calling the head module (the stock tracker labelled it a temporary)."""
+    config = family_config("llama", **SMALL, tie_word_embeddings=tied)
     t = trace_step(config, make_config("full"), 2, 16, torch.float32)
     n_bytes = sum(
         p.numel() * 4

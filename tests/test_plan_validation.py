@@ -1,12 +1,16 @@
-"""The planner against the committed measurement of every trainer method on SmolLM2-135M (4 x 256, fp32, CPU):
-`benchmarks/results/2026-12-02-cpu-smollm2-plan/` (`slimtune bench`, which measured each run and traced it).
+"""The planner against committed measurements of every trainer method (`slimtune bench`, which measured each run
+and traced it), fp32 on this CPU (2 threads):
+- SmolLM2-135M (the real model), 4 x 256: `benchmarks/results/2026-12-02-cpu-smollm2-plan/`;
+- the smollm2-360m shape (random weights), 2 x 128: `benchmarks/results/2026-12-05-cpu-smollm2-360m-plan/`;
+- the tinyllama-1.1b shape, 1 x 64: `benchmarks/results/2026-12-05-cpu-tinyllama-1.1b-plan/`.
 
 Re-traced here with today's code, so a change to a method or to the planner that moves a prediction away from
 what was measured fails this test. Bands, per role (docs/plan.md):
 - trainable, gradients and optimizer state: equal to the bytes measured at the same point of the real step;
-- the total (traced tensors + the runtime's RSS) against the measured peak RSS: within the band measured on this
-  CPU, -30% .. +20% (glibc keeps freed heap that RSS counts and tensors do not; MEFT's dynamic selections are
-  planned at their upper bound). The 10% goal is met by full and SAT only; see docs/plan.md.
+- the total (traced tensors + the runtime's RSS) against the measured peak RSS: within the band each method's
+  measurements span on this CPU (``BANDS``). The 10% goal holds for full fine-tuning and SAT only: glibc keeps
+  freed heap that RSS counts and no tensor holds (under-prediction), MEFT's dynamic selections are planned at
+  their upper bound (over-prediction); see docs/plan.md.
 """
 
 import json
@@ -20,11 +24,38 @@ from slimtune.methods import make_config
 from slimtune.plan.report import agreement
 from slimtune.plan.trace import trace_step
 
-RESULTS = Path(__file__).parent.parent / "benchmarks/results/2026-12-02-cpu-smollm2-plan/results.json"
-RUNS = {r["method"]: r for r in json.loads(RESULTS.read_text())["runs"]}
-AT_MEASUREMENT = {"lora": {"dropout": 0.05}, "qlora": {"dropout": 0.05}}
-"""Defaults of the measured commit (3c58d42) that have changed since: LoRA's dropout was 0.05, and the loss was
-the model's own (the chunked loss came later), so both are re-traced as they were measured."""
+RESULTS = Path(__file__).parent.parent / "benchmarks/results"
+MEASURED = [
+    "2026-12-02-cpu-smollm2-plan",
+    "2026-12-05-cpu-smollm2-360m-plan",
+    "2026-12-05-cpu-tinyllama-1.1b-plan",
+]
+AT_MEASUREMENT = {"2026-12-02-cpu-smollm2-plan": {"lora": {"dropout": 0.05}, "qlora": {"dropout": 0.05}}}
+"""Defaults of a measured commit that have changed since: at 3c58d42 LoRA's dropout was 0.05 and the loss was the
+model's own (the chunked loss came later), so those runs are re-traced as they were measured."""
+CHUNKED_LOSS = {"2026-12-02-cpu-smollm2-plan": False}
+
+BANDS = {
+    "full": (-0.12, 0.05),
+    "sat": (-0.12, 0.05),
+    "lora": (-0.25, 0.05),
+    "qlora": (-0.30, 0.05),
+    "qst": (-0.20, 0.05),
+    "pst": (-0.52, 0.05),
+    "meft": (0.10, 0.45),
+}
+"""error = predicted / measured - 1, per method: the span of its measurements above, rounded out (PST: the
+process's heap and kernel workspaces grow with the model, not its tensors; docs/plan.md)."""
+
+
+def _cases():
+    for name in MEASURED:
+        data = json.loads((RESULTS / name / "results.json").read_text())
+        for run in data["runs"]:
+            marks = [ALLOCATOR_GAP] if (name, run["method"]) == ("2026-12-02-cpu-smollm2-plan", "qst") else []
+            yield pytest.param(
+                name, data["meta"], run, marks=marks, id=f"{data['meta']['model']}-{run['method']}"
+            )
 
 
 ALLOCATOR_GAP = pytest.mark.xfail(
@@ -37,20 +68,17 @@ ALLOCATOR_GAP = pytest.mark.xfail(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "method", [pytest.param(m, marks=ALLOCATOR_GAP) if m == "qst" else m for m in sorted(RUNS)]
-)
-def test_prediction_keeps_agreeing_with_the_measurement(method):
-    run = RUNS[method]
-    meta = json.loads(RESULTS.read_text())["meta"]
+@pytest.mark.parametrize("name, meta, run", list(_cases()))
+def test_prediction_keeps_agreeing_with_the_measurement(name, meta, run):
     settings = {k: v for k, v in run["settings"].items() if k not in ("baseline", "lr")}
+    method = run["method"]
     t = trace_step(
-        shape_config("smollm2-135m"),
-        make_config(method, **{**AT_MEASUREMENT.get(method, {}), **settings}),
+        shape_config(meta["shape"] or meta["model"]),
+        make_config(method, **{**AT_MEASUREMENT.get(name, {}).get(method, {}), **settings}),
         meta["batch"],
         meta["seq_len"],
         torch.float32,
-        chunked_loss=False,
+        chunked_loss=CHUNKED_LOSS.get(name, True),
     )
     measured = run["memory_by_role"]
     assert t.trainable_bytes == measured["trainable"]
@@ -59,4 +87,5 @@ def test_prediction_keeps_agreeing_with_the_measurement(method):
     fresh = {**run, "plan": {**run["plan"], "tensor_peak_bytes": t.total, "at_grads": t.at_grads,
                              "trainable_bytes": t.trainable_bytes}}  # fmt: skip
     a = agreement(fresh)
-    assert -0.30 <= a["error"] <= 0.20, a
+    low, high = BANDS[method]
+    assert low <= a["error"] <= high, a

@@ -44,6 +44,15 @@ class PlanTracker(MemTracker):
             for p in frozen:
                 self._param_to_grad_hook_handles.pop(p, None)
 
+    def track_external(self, *external) -> None:
+        """As the stock tracker, and every trainable parameter of a module given here gets its gradient hooks now
+        (the stock tracker hooks a module's parameters when its forward runs: the chunked loss uses the LM head's
+        weight without calling the head, so an untied head's gradient was counted as a temporary)."""
+        super().track_external(*external)
+        for obj in external:
+            if isinstance(obj, nn.Module):
+                self._track_module_params_and_buffers(obj, install_grad_hooks=True)
+
     def _update_peak_stats(self, peak_state) -> None:
         for dev, snap in self._curr_mem_snap.items():
             if self._peak_mem.get(dev, 0) < snap["Total"]:
