@@ -249,7 +249,11 @@ class PSTLinear(nn.Module):
     def masked_weight(self) -> torch.Tensor:
         if not torch.is_grad_enabled():
             # eval and generation: nothing needs the straight-through path, so M ⊙ (W0 + βUV) is built once per
-            # parameter state instead of once per forward (per decoded token)
+            # parameter state instead of once per forward (per decoded token). Only in eval mode: a forward without
+            # autograd in training mode (the trainer's loss check) would leave a copy of every weight behind
+            if self.training:
+                w = self.effective_weight()
+                return w * self.keep_mask().to(w.dtype)
             key = self._state_key()
             if self._weight_cache is None or self._weight_cache[0] != key:
                 self._weight_cache = None  # free the stale copy before building the new one
@@ -279,6 +283,11 @@ class PSTLinear(nn.Module):
             if not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad):
                 return _PSTLinearFn.apply(x, *self.pst_parameters(), self)
         return F.linear(x, self.masked_weight(), base.bias)
+
+    def train(self, mode: bool = True):
+        if mode:  # the eval-mode copy of M ⊙ W (a whole weight per layer) is not kept through training
+            self._weight_cache = None
+        return super().train(mode)
 
     @torch.no_grad()
     def refresh_prior(self) -> None:
