@@ -423,8 +423,9 @@ def main(argv: list[str] | None = None, fn=None) -> int:
         out.write_text(json.dumps(result))
     from slimtune.engines import end_job
 
-    end_job(0 if result["ok"] else 1)
-    return 0 if result["ok"] else 1
+    code = 0 if result["ok"] else 1
+    end_job(code)
+    return code
 
 
 if __name__ == "__main__":
