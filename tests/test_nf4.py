@@ -76,3 +76,28 @@ def test_nf4_linear_keeps_no_dequantized_weight_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         q(x).sum()
     assert all(n < 32 * 64 for n in saved), saved
+
+
+def test_flop_counter_counts_the_bitsandbytes_4bit_forward():
+    """bitsandbytes runs a 4-bit layer's forward inside one custom op; the counter must see it as a matmul, so a
+    QLoRA step counts as many FLOPs as the same step with the pure-torch NF4 layer (forward + input gradient)."""
+    pytest.importorskip("bitsandbytes")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slimtune.quant.backbone import bnb_works, quantize_decoder
+
+    if not bnb_works(torch.device("cpu")):
+        pytest.skip("bitsandbytes 4-bit does not run here")
+
+    def counted(backend):
+        model = torch.nn.Sequential(torch.nn.Linear(128, 192), torch.nn.Linear(192, 128))
+        model.get_output_embeddings = lambda: None
+        assert quantize_decoder(model, backend, double_quant=True) == backend
+        x = torch.randn(6, 10, 128, requires_grad=True)
+        with FlopCounterMode(display=False) as c:
+            model(x).sum().backward()
+        return c.get_total_flops()
+
+    dense = 2 * 60 * 128 * 192 * 2 * 2  # two layers, forward + input gradient
+    assert counted("torch") == dense
+    assert counted("bitsandbytes") == dense

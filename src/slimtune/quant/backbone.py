@@ -25,6 +25,25 @@ def bnb_works(device: torch.device) -> bool:
         return False
 
 
+def register_bnb_flops() -> None:
+    """Teach ``FlopCounterMode`` the FLOPs of bitsandbytes' 4-bit matmul op: its forward runs inside one custom
+    op (``bitsandbytes::gemm_4bit``) that the counter does not see into, so a QLoRA step counted only its backward
+    (362 instead of 579 GFLOP for SmolLM2 at 4 x 256). 2·M·N·K, as for a dense matmul of the same shape."""
+    import bitsandbytes  # noqa: F401  (defines the op)
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(torch.ops.bitsandbytes, "gemm_4bit", None)
+    if op is None or op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for n in a_shape[:-1]:
+            rows *= n
+        return 2 * rows * shape_b[0] * shape_b[1]
+
+
 def _linear_children(model: nn.Module, skip: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
     out = []
     for parent in model.modules():
@@ -41,6 +60,8 @@ def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
     device = next(model.parameters()).device
     if backend == "auto":
         backend = "bitsandbytes" if bnb_works(device) else "torch"
+    if backend == "bitsandbytes":
+        register_bnb_flops()
     head = model.get_output_embeddings()
     for parent, cname, lin in _linear_children(model, skip={id(head)}):
         if backend == "bitsandbytes":
