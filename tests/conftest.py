@@ -90,4 +90,17 @@ def instr_jsonl(tmp_path) -> Path:
 
 
 # the random-token batch of the capability probes, for the tests too
+from slimtune import hostmem  # noqa: E402
 from slimtune.capabilities import batch  # noqa: E402,F401
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without a preloaded malloc or a choice of one (what a user's shell has)."""
+    drop = ("LD_PRELOAD", hostmem.PRELOADED_ENV, hostmem.ALLOCATOR_ENV)
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def expected_allocator() -> str:
+    """The malloc a slimtune command gets on this machine (what is installed)."""
+    env = hostmem.allocator_env(clean_env())
+    return next((n for n in hostmem.ALLOCATORS if env and f"lib{n}" in env["LD_PRELOAD"]), "system")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from tests.conftest import expected_allocator
 
 from slimtune.bench.run import BenchPlan, bench, label, plan_from_args, ratios
 from slimtune.bench.shapes import SHAPES, build_shape
@@ -163,6 +164,8 @@ def test_bench_peers_compute_and_loss_term(tmp_path):
     assert all(r["ok"] for r in res["runs"]), [r["error"] for r in res["runs"]]
     mine, low, peer = res["runs"]
     assert peer["trainable_params"] == mine["trainable_params"]  # the same LoRA, built by peft directly
+    assert mine["allocator"] == low["allocator"] == expected_allocator()  # as the `slimtune` command runs
+    assert peer["allocator"] == "system" and not peer["huge_pages"]  # as users run the peer
     assert len(peer["step_times_s"]) == 2 and peer["peak_bytes"] > 0
     assert set(res["peers"]) == {"lora[r=4]", "lora[memory=low,r=4]"}
     p = res["peers"]["lora[r=4]"]

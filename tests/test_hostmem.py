@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import clean_env, expected_allocator
 
 from slimtune import hostmem
 
@@ -76,3 +77,108 @@ def test_a_peer_runs_as_users_run_it(monkeypatch):
     assert hostmem.THP_ENV not in env and env[hostmem.OPT_OUT_ENV] == "0" and env["PATH"] == "/bin"
     monkeypatch.setattr(hostmem, "applied", False)  # the user set it: the peer gets it too
     assert hostmem.as_users_run({hostmem.THP_ENV: "1"})[hostmem.THP_ENV] == "1"
+
+
+def _libs(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    return [tmp_path]
+
+
+@pytest.mark.parametrize(
+    "environ, installed, preload",
+    [
+        (
+            {},
+            ("libjemalloc.so.2", "libtcmalloc_minimal.so.4"),
+            "{d}/libtcmalloc_minimal.so.4",
+        ),  # TCMalloc first
+        ({}, ("libjemalloc.so.2",), "{d}/libjemalloc.so.2"),
+        ({"LD_PRELOAD": "/x/libfoo.so"}, ("libtcmalloc.so.4",), "{d}/libtcmalloc.so.4:/x/libfoo.so"),  # kept
+        (
+            {"SLIMTUNE_ALLOCATOR": "jemalloc"},
+            ("libjemalloc.so.2", "libtcmalloc.so.4"),
+            "{d}/libjemalloc.so.2",
+        ),
+        ({}, (), None),  # none installed: the system's malloc, silently
+        ({"SLIMTUNE_ALLOCATOR": "system"}, ("libtcmalloc.so.4",), None),
+        ({"LD_PRELOAD": "/opt/libjemalloc.so"}, ("libtcmalloc.so.4",), None),  # the user's malloc stays
+        ({"LD_PRELOAD": "{d}/libtcmalloc.so.4"}, ("libtcmalloc.so.4",), None),  # after the restart: no loop
+    ],
+)
+def test_the_malloc_is_preloaded_only_where_installed_and_the_user_did_not_decide(
+    tmp_path, environ, installed, preload
+):
+    environ = {k: v.format(d=tmp_path) for k, v in environ.items()}
+    env = hostmem.allocator_env(environ, "linux", _libs(tmp_path, *installed))
+    if preload is None:
+        assert env is None
+        return
+    assert env["LD_PRELOAD"] == preload.format(d=tmp_path)
+    assert env[hostmem.PRELOADED_ENV] == env["LD_PRELOAD"].split(":")[0]
+    assert env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == str(1 << 40)  # no stderr line per large tensor
+    assert hostmem.allocator_env(environ, "darwin", [tmp_path]) is None
+
+
+def test_an_unknown_or_missing_malloc_is_one_clear_error(tmp_path):
+    from slimtune.errors import UserError
+
+    with pytest.raises(UserError, match=r"SLIMTUNE_ALLOCATOR='tmalloc': choose one of auto, tcmalloc"):
+        hostmem.allocator_env({"SLIMTUNE_ALLOCATOR": "tmalloc"}, "linux", [tmp_path])
+    with pytest.raises(
+        UserError, match=r"SLIMTUNE_ALLOCATOR=tcmalloc: none of .* apt install libtcmalloc-minimal4"
+    ):
+        hostmem.allocator_env({"SLIMTUNE_ALLOCATOR": "tcmalloc"}, "linux", [tmp_path])
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from slimtune.cli import main; sys.exit(main())", "list"],
+        env={**clean_env(), "SLIMTUNE_ALLOCATOR": "tmalloc"},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "slimtune: error: SLIMTUNE_ALLOCATOR='tmalloc': choose one of auto, tcmalloc, jemalloc, system"
+    ]
+
+
+def test_a_peer_runs_on_the_users_malloc(tmp_path):
+    env = hostmem.allocator_env(
+        {"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin"}, "linux", _libs(tmp_path, "libtcmalloc.so.4")
+    )
+    peer = hostmem.as_users_run(env)
+    assert peer["LD_PRELOAD"] == "/x/libfoo.so" and peer["PATH"] == "/bin"
+    assert hostmem.PRELOADED_ENV not in peer and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in peer
+    assert (
+        peer[hostmem.ALLOCATOR_ENV] == "system" and hostmem.allocator_env(peer, "linux", [tmp_path]) is None
+    )
+    assert "LD_PRELOAD" not in hostmem.as_users_run(hostmem.allocator_env({}, "linux", [tmp_path]))
+
+
+RESTART = """
+import os, sys
+from slimtune import hostmem
+print(os.getpid(), hostmem.allocator_in_use(), flush=True)
+hostmem.use_allocator()
+print(os.getpid(), hostmem.allocator_in_use(), sys.argv[1:])
+"""
+
+
+def test_the_command_restarts_itself_on_the_installed_malloc_in_the_same_process():
+    """``use_allocator`` (the first thing the ``slimtune`` command does) replaces the process by itself with the
+    library preloaded: same pid and arguments, the malloc now loaded; nothing installed → it just goes on."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESTART, "train", "x.yaml"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = out.strip().splitlines()
+    want = expected_allocator()
+    if want == "system":
+        assert lines == [f"{proc.pid} system", f"{proc.pid} system ['train', 'x.yaml']"]
+    else:  # the program ran once on glibc, was replaced, ran again on the preloaded malloc and went on
+        assert lines == [f"{proc.pid} system", f"{proc.pid} {want}", f"{proc.pid} {want} ['train', 'x.yaml']"]
+    assert "large alloc" not in err

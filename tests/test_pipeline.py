@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from tests.conftest import write_jsonl
+from tests.conftest import expected_allocator, write_jsonl
 
 from slimtune import api
 from slimtune import config as C
@@ -264,7 +264,9 @@ def test_ddp_two_processes_with_torchrun(tiny_model_dir, instr_jsonl, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
-    assert json.loads((runs[0] / "results.json").read_text())["processes"] == 2
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert results["processes"] == 2
+    assert results["host_memory"]["allocator"] == expected_allocator()  # the command restarted itself on it
     logs = [json.loads(line) for line in (runs[0] / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
     assert proc.stdout.count("before: eval loss") == 1

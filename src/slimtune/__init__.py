@@ -1,5 +1,4 @@
 """slimtune: memory- and compute-frugal fine-tuning of Hugging Face causal LMs."""
-# ruff: noqa: E402 (the allocator setting must come before the imports that import torch)
 
 from __future__ import annotations
 
@@ -10,12 +9,36 @@ from slimtune import hostmem as _hostmem  # noqa: I001
 
 _hostmem.enable_huge_pages()
 
-from slimtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
-from slimtune.methods import METHODS, Adapted, MethodConfig, make_config
-from slimtune.methods import apply as apply_method
-from slimtune.models import load as load_model
-from slimtune.models import tiny_llama
-from slimtune.trainer import Trainer
+_EXPORTS = {
+    "DataConfig": "slimtune.config",
+    "ModelConfig": "slimtune.config",
+    "RunConfig": "slimtune.config",
+    "TrainConfig": "slimtune.config",
+    "load_config": "slimtune.config",
+    "METHODS": "slimtune.methods",
+    "Adapted": "slimtune.methods",
+    "MethodConfig": "slimtune.methods",
+    "make_config": "slimtune.methods",
+    "apply_method": ("slimtune.methods", "apply"),
+    "load_model": ("slimtune.models", "load"),
+    "tiny_llama": "slimtune.models",
+    "Trainer": "slimtune.trainer",
+}
+"""Imported on first use (PEP 562), so that ``import slimtune.cli`` does not import torch: the ``slimtune`` command
+may restart itself on another malloc before anything heavy has run (hostmem.use_allocator)."""
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'slimtune' has no attribute {name!r}")
+    import importlib
+
+    where = _EXPORTS[name]
+    module, attr = (where, name) if isinstance(where, str) else where
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "METHODS",

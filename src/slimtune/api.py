@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from slimtune import config as C
-from slimtune import memory, models
+from slimtune import hostmem, memory, models
 from slimtune.data import load_split
 from slimtune.engines import require_supported
 from slimtune.errors import UserError
@@ -207,6 +207,7 @@ def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: P
         "peak_bytes": result.peak_bytes,
         "peak_bytes_per_rank": result.peak_bytes_per_rank,
         "runtime_rss_bytes": facts["runtime_rss_bytes"],
+        "host_memory": hostmem.report(),  # the malloc and huge pages the run had (hostmem.py)
         "trainable_params": facts["trainable_params"],
         "total_params": facts["total_params"],
         "memory_by_role": mem,

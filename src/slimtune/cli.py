@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from slimtune import hostmem
 from slimtune.errors import ConfigError, UserError
 from slimtune.faults import RunStopped
 
@@ -392,9 +393,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet()
     try:
+        if (
+            argv is None
+        ):  # the `slimtune` program itself, not a call from Python: restart on TCMalloc where found
+            hostmem.use_allocator()
+        args = build_parser().parse_args(argv)
+        _quiet()
         return args.fn(args)
     except ConfigError as err:
         for problem in err.problems:

@@ -177,7 +177,7 @@ def run_hf(spec: dict) -> dict:
         "setup_s": setup_s,
         "runtime_rss_bytes": runtime,
         "device": "cuda" if cuda else "cpu",
-        "huge_pages": hostmem.huge_pages_on(),
+        **hostmem.report(),  # allocator, huge_pages
         "peer": spec["peer"],
     }
 

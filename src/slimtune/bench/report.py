@@ -46,7 +46,22 @@ def _run_rows(results: dict) -> list[str]:
             )
         else:
             lines.append(f"| {r['label']} | **failed**: {r['error']} | | | | | | | | |")
-    return lines
+    return lines + _host_line(results)
+
+
+def _host_line(results: dict) -> list[str]:
+    """Which malloc and whether PyTorch's huge pages each run had (slimtune/hostmem.py): they move the CPU peak."""
+    groups: dict[str, list[str]] = {}
+    for r in results["runs"]:
+        if r.get("ok") and "allocator" in r:
+            key = f"{r['allocator']} malloc, huge pages {'on' if r.get('huge_pages') else 'off'}"
+            groups.setdefault(key, []).append(r["label"])
+    if not groups:
+        return []
+    return [
+        "",
+        "Host memory: " + "; ".join(f"{', '.join(labels)}: {key}" for key, labels in groups.items()) + ".",
+    ]
 
 
 def _fact_lines(results: dict) -> list[str]:

@@ -188,7 +188,7 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
             text=True,
             timeout=plan.timeout_s,
             env={
-                **(hostmem.as_users_run(os.environ) if run.get("peer") else os.environ),
+                **(hostmem.as_users_run(os.environ) if run.get("peer") else _slimtune_env()),
                 "PYTHONUNBUFFERED": "1",
             },
         )
@@ -198,6 +198,12 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
         return {**base, **json.loads(out_path.read_text())}
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {**base, "ok": False, "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"}
+
+
+def _slimtune_env() -> dict[str, str]:
+    """A slimtune run's environment: what the ``slimtune`` command runs with (TCMalloc preloaded where installed,
+    hostmem.py), also when the bench is called from Python."""
+    return hostmem.allocator_env(os.environ) or dict(os.environ)
 
 
 def _launcher(procs: int) -> list[str]:

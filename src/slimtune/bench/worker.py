@@ -391,7 +391,7 @@ def _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, loa
         **step_fields(spec, times, losses),
         "setup_s": setup_s,
         "device": str(trainer.acc.device),
-        "huge_pages": hostmem.huge_pages_on(),
+        **hostmem.report(),  # allocator, huge_pages
         "data": "sentiment text" if tok is not None else "random tokens",
         "traffic": {
             "h2d": dict(adapted.traffic.h2d),
