@@ -95,8 +95,11 @@ from slimtune.capabilities import batch  # noqa: E402,F401
 
 
 def clean_env() -> dict[str, str]:
-    """This environment without a preloaded malloc or a choice of one (what a user's shell has)."""
-    drop = ("LD_PRELOAD", hostmem.PRELOADED_ENV, hostmem.ALLOCATOR_ENV)
+    """This environment without the settings importing slimtune made here and without a preloaded malloc or a
+    choice of one (what a user's shell has)."""
+    drop = ("LD_PRELOAD", hostmem.PRELOADED_ENV, hostmem.ALLOCATOR_ENV) + (
+        (hostmem.THP_ENV,) if hostmem.applied else ()
+    )
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 

@@ -159,13 +159,14 @@ import os, sys
 from slimtune import hostmem
 print(os.getpid(), hostmem.allocator_in_use(), flush=True)
 hostmem.use_allocator()
-print(os.getpid(), hostmem.allocator_in_use(), sys.argv[1:])
+print(os.getpid(), hostmem.allocator_in_use(), sys.argv[1:], hostmem.applied == hostmem.huge_pages_on())
 """
 
 
 def test_the_command_restarts_itself_on_the_installed_malloc_in_the_same_process():
     """``use_allocator`` (the first thing the ``slimtune`` command does) replaces the process by itself with the
-    library preloaded: same pid and arguments, the malloc now loaded; nothing installed → it just goes on."""
+    library preloaded: same pid and arguments, the malloc now loaded, the huge-page setting still slimtune's own
+    (so a bench peer runs without it); nothing installed → it just goes on."""
     proc = subprocess.Popen(
         [sys.executable, "-c", RESTART, "train", "x.yaml"],
         env=clean_env(),
@@ -178,7 +179,11 @@ def test_the_command_restarts_itself_on_the_installed_malloc_in_the_same_process
     lines = out.strip().splitlines()
     want = expected_allocator()
     if want == "system":
-        assert lines == [f"{proc.pid} system", f"{proc.pid} system ['train', 'x.yaml']"]
+        assert lines == [f"{proc.pid} system", f"{proc.pid} system ['train', 'x.yaml'] True"]
     else:  # the program ran once on glibc, was replaced, ran again on the preloaded malloc and went on
-        assert lines == [f"{proc.pid} system", f"{proc.pid} {want}", f"{proc.pid} {want} ['train', 'x.yaml']"]
+        assert lines == [
+            f"{proc.pid} system",
+            f"{proc.pid} {want}",
+            f"{proc.pid} {want} ['train', 'x.yaml'] True",
+        ]
     assert "large alloc" not in err

@@ -171,6 +171,8 @@ def use_allocator() -> None:
     env = allocator_env()
     if env is None:
         return
+    if applied:  # slimtune's own huge-page setting: the restarted process makes (and owns) it again
+        env.pop(THP_ENV, None)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
