@@ -217,3 +217,21 @@ def test_bench_processes_are_checked():
         plan_from_args("lora", None, [], peers="hf", procs=2)
     with pytest.raises(ConfigError, match="engine: 'zero' is not one of"):
         plan_from_args("lora", None, ["lora.engine=zero"])
+
+
+def test_a_runs_peak_is_that_of_its_timed_steps(monkeypatch):
+    """The measurements after the timed steps (one step under the FLOP counter, the loss term with full logits)
+    must not raise the run's peak: here the FLOP step holds 1 GiB more, and the run's peak stays below it."""
+    import torch
+
+    from slimtune.bench import worker
+
+    def heavy_flop_step(trainer):
+        blob = torch.ones(2**28)  # 1 GiB, touched
+        return int(blob[0].item())
+
+    monkeypatch.setattr(worker, "_count_flops", heavy_flop_step)
+    spec = {"model": "tiny", "method": "lora", "settings": {"r": 4}, "batch": 2, "seq_len": 16, "steps": 2}
+    out = worker.run({**spec, "warmup": 1, "threads": 2, "seed": 0})
+    after = worker.host_peak_bytes()  # this process's peak since the timed steps began: with the 1 GiB step
+    assert out["step_time_median_s"] > 0 and after > out["peak_rss_bytes"] + 2**29

@@ -254,12 +254,14 @@ def run(spec: dict) -> dict:
             return _per_rank_measurement(
                 spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok
             )
+        # the peaks of the timed steps, read before the extra step under the FLOP counter (whose hooks keep
+        # activations alive) and the loss-term measurement (full logits) raise them
+        out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
         flops = _count_flops(trainer)
         first = {k: torch.tensor(v[: spec["batch"]], device=trainer.acc.device) for k, v in
                  (("input_ids", rows), ("labels", rows))}  # fmt: skip
         first["attention_mask"] = torch.ones_like(first["input_ids"])
         loss_bytes = loss_term_bytes(adapted, trainer.model, first)
-    out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
     rate = matmul_flops_per_s(trainer.acc.device)
     compute = {
         "flops_per_step": flops,
