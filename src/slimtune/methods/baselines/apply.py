@@ -12,6 +12,7 @@ from torch import nn
 
 from slimtune.methods.base import CONFIG_FILE, Adapted
 from slimtune.methods.baselines.config import FullConfig, LoraMethodConfig, QLoraMethodConfig
+from slimtune.methods.baselines.fused import fuse_lora_forwards
 from slimtune.quant.backbone import dequantized_weight, is_4bit, quantize_decoder
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,12 @@ class LoraAdapted(Adapted):
         return merged
 
 
-def peft_lora(model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = None) -> nn.Module:
+def peft_lora(
+    model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = None, fused: bool = False
+) -> nn.Module:
     """Wrap ``model`` with peft LoRA. ``custom`` maps non-``nn.Linear`` base layer types (our NF4Linear) to the
-    peft LoRA layer that wraps them; 'all-linear' then means every module of those types."""
+    peft LoRA layer that wraps them; 'all-linear' then means every module of those types. ``fused``: the LoRA
+    and QLoRA methods' one-matmul forward (fused.py); without it, peft's own layers and nothing more."""
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
@@ -85,11 +89,14 @@ def peft_lora(model: nn.Module, cfg: LoraMethodConfig, custom: dict | None = Non
     )
     if custom:
         lcfg._register_custom_module(custom)
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    if fused:
+        fuse_lora_forwards(peft_model)
+    return peft_model
 
 
 def apply_lora(model: nn.Module, cfg: LoraMethodConfig) -> LoraAdapted:
-    return LoraAdapted(peft_lora(model, cfg), cfg)
+    return LoraAdapted(peft_lora(model, cfg, fused=True), cfg)
 
 
 # ---------------------------------------------------------------- QLoRA
@@ -102,9 +109,9 @@ def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> QLoraAdapted:
 
         from slimtune.quant.nf4 import NF4Linear
 
-        peft_model = peft_lora(model, cfg, custom={NF4Linear: LoraLinear})
+        peft_model = peft_lora(model, cfg, custom={NF4Linear: LoraLinear}, fused=True)
     else:
-        peft_model = peft_lora(model, cfg)
+        peft_model = peft_lora(model, cfg, fused=True)
     adapted = QLoraAdapted(peft_model, cfg)
     adapted.extra_state["nf4_backend"] = backend
     return adapted
