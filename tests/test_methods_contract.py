@@ -298,3 +298,27 @@ def test_a_new_method_needs_only_its_registry_line(
     _, p = api.load_run(tmp_path / "run")
     assert all(n.endswith("norm.weight") for n in p.adapted.state_dict())
     assert main(["list"]) == 0 and "normtune [trainer] RMSNorm gains only" in capsys.readouterr().out
+
+
+def test_the_trainer_s_adamw_is_fused_where_it_can_be_and_steps_as_the_default_one():
+    """PyTorch's fused AdamW (no parameter-sized temporaries) for plain tensors on CPU/CUDA; the same updates as
+    the default ``foreach`` step; parameters it cannot take (here on the meta device) get the default."""
+    from slimtune.trainer import make_adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(300, 7), torch.randn(11)]
+    runs = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make_adamw([{"params": params, "weight_decay": 0.1}], 1e-2, fused=fused)
+        assert bool(opt.defaults.get("fused")) is fused
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (step + 1) + i)
+            opt.step()
+        runs[fused] = params
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not any(float((a - s).abs().max()) == 0 for a, s in zip(runs[True], start))  # it did step
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert not make_adamw([{"params": meta}], 1e-3).defaults.get("fused")

@@ -188,11 +188,13 @@ def trace_step(
     fake: bool = True,
     chunked_loss: bool = True,
     fsdp: int = 1,
+    fused_adamw: bool = True,
 ) -> Trace:
     """Build ``config``'s model in ``dtype``, apply ``method_cfg`` and trace two steps: on fake tensors (the
     plan), or with ``fake=False`` on real ones (the same tracker and step, to check the plan on small models).
     ``fsdp`` N > 1: shard the model over N ranks with the trainer's FSDP2 code and trace rank 0 (on a fake
-    process group when ``fake``, on the job's real one otherwise)."""
+    process group when ``fake``, on the job's real one otherwise). ``fused_adamw``: the trainer's AdamW (False:
+    PyTorch's default ``foreach`` step, which the trainer ran before 2026-12-05)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from slimtune.quant.nf4 import dynamic_map_8bit
@@ -209,7 +211,16 @@ def trace_step(
             for mode in (FakeTensorMode(allow_non_fake_inputs=True), UnknownValues(), fake_moves()):
                 stack.enter_context(mode)
         trace = _trace(
-            config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss, mesh
+            config,
+            method_cfg,
+            batch,
+            seq_len,
+            dtype,
+            grad_accum,
+            grad_checkpointing,
+            chunked_loss,
+            mesh,
+            fused_adamw,
         )
     trace.seconds = time.perf_counter() - t0
     return trace
@@ -240,12 +251,21 @@ def _mesh(world: int, fake: bool):
 
 
 def _trace(
-    config, method_cfg, batch, seq_len, dtype, grad_accum, grad_checkpointing, chunked_loss, mesh=None
+    config,
+    method_cfg,
+    batch,
+    seq_len,
+    dtype,
+    grad_accum,
+    grad_checkpointing,
+    chunked_loss,
+    mesh=None,
+    fused_adamw=True,
 ) -> Trace:
     from transformers import AutoModelForCausalLM
 
     from slimtune.methods import apply
-    from slimtune.trainer import enable_checkpointing, loss_function
+    from slimtune.trainer import enable_checkpointing, loss_function, make_adamw
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -260,7 +280,7 @@ def _trace(
         for p in adapted.model.parameters():  # this rank holds its shards of them
             part = p.numel() - sharding.local(p).numel()
             held["trainable" if p.requires_grad else "frozen_weights"] -= part * p.element_size()
-    optimizer = torch.optim.AdamW(adapted.param_groups(0.0), lr=1e-4)
+    optimizer = make_adamw(adapted.param_groups(0.0), 1e-4, fused=fused_adamw and mesh is None)
     ids = torch.randint(3, config.vocab_size, (batch, seq_len))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     adapted.total_steps = None  # schedules hold their first rung, as in `slimtune bench`
