@@ -11,10 +11,10 @@ peak further but make each step 35-100% slower).
 ``THP_MEM_ALLOC_ENABLE`` (either way), when ``SLIMTUNE_HUGE_PAGES=0``, when PyTorch is already imported (too late:
 the setting would not take effect), off Linux, or when the kernel has huge pages off.
 
-The C heap: with glibc's malloc the RSS of a step stays 1 GB above its tensors (freed blocks are kept in the heap),
-and glibc settings that hand them back cost 35-100% per step. TCMalloc (or jemalloc) returns them at no cost: the
-LoRA step above peaked at 2.54 GB with TCMalloc, 2.58 with jemalloc, 3.47 with glibc, and was 9% / 3% faster
-(one run each, docs/memory.md). A malloc can only be chosen when a program starts (``LD_PRELOAD``), so the
+The C heap: glibc's malloc keeps the blocks a step frees, and the glibc settings that hand them back cost 35-100%
+per step. TCMalloc reuses and returns them at no cost: the LoRA step above peaked at 2.51 GB with TCMalloc and 2.84
+with glibc and was 6% faster; with ``memory: low`` 1.37 against 1.54 GB (one bench invocation each,
+docs/memory.md; jemalloc: the same memory, slower here). A malloc can only be chosen when a program starts (``LD_PRELOAD``), so the
 ``slimtune`` command, before it imports anything heavy, starts itself again (``execve``: same process id, same
 arguments, torchrun / accelerate notice nothing) with the library preloaded, where one is installed
 (:func:`use_allocator`). ``SLIMTUNE_ALLOCATOR``: ``auto`` (default: TCMalloc, else jemalloc, else the system's),
