@@ -302,7 +302,8 @@ def test_a_new_method_needs_only_its_registry_line(
 
 def test_the_trainer_s_adamw_is_fused_where_it_can_be_and_steps_as_the_default_one():
     """PyTorch's fused AdamW (no parameter-sized temporaries) for plain tensors on CPU/CUDA; the same updates as
-    the default ``foreach`` step; parameters it cannot take (here on the meta device) get the default."""
+    the default ``foreach`` step, with the parameters' version counters bumped as the default step does;
+    parameters it cannot take (here on the meta device) get the default."""
     from slimtune.trainer import make_adamw
 
     torch.manual_seed(0)
@@ -315,7 +316,10 @@ def test_the_trainer_s_adamw_is_fused_where_it_can_be_and_steps_as_the_default_o
         for step in range(3):
             for i, p in enumerate(params):
                 p.grad = torch.sin(p.detach() * (step + 1) + i)
+            versions = [p._version for p in params]
             opt.step()
+            # every updated weight says so (caches keyed on it, e.g. PST's masked weight, must see the step)
+            assert all(p._version > v for p, v in zip(params, versions))
         runs[fused] = params
     for a, b in zip(runs[True], runs[False]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
