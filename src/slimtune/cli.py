@@ -394,9 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(argv: list[str] | None) -> int:
     try:
-        if (
-            argv is None
-        ):  # the `slimtune` program itself, not a call from Python: restart on TCMalloc where found
+        # the `slimtune` program itself, not a call from Python: restart on TCMalloc where found
+        if argv is None:
             hostmem.use_allocator()
         args = build_parser().parse_args(argv)
         _quiet()
