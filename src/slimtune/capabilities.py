@@ -324,6 +324,26 @@ def _grad_checkpointing(method: str) -> None:
     _check(_same_state(_state(a), _state(b), 1e-5), "checkpointed training ended elsewhere")
 
 
+def _compile(method: str) -> None:
+    """``train.compile``: the decoder layers compile (Dynamo traced at least one graph of them) and training
+    through them ends where eager training does."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    data, lr = batch(), SETTINGS[method][1]
+    # a 4-bit method on the backend it picks by itself here (bitsandbytes, where it runs, compiles)
+    extra = {"backend": "auto"} if "backend" in SETTINGS[method][0] else {}
+    a, b = adapt(method, "llama", **extra), adapt(method, "llama", **extra)
+    train(a, 3, lr, data)
+    torch._dynamo.reset()  # a fresh cache: the graphs counted are this method's
+    counters.clear()
+    train(b, 3, lr, data, compile=True)
+    _check(counters["stats"]["unique_graphs"] > 0, "no decoder layer was compiled")
+    breaks = sum(counters["graph_break"].values())
+    _check(breaks == 0, f"{breaks} graph breaks in the layers: {list(counters['graph_break'])[:1]}")
+    _check(_same_state(_state(a), _state(b), 1e-5), "compiled training ended elsewhere")
+
+
 def _grad_accumulation(method: str) -> None:
     """Two micro-batches of 2 per step train (loss finite and falling)."""
     data, lr = batch(b=4), SETTINGS[method][1]
@@ -386,6 +406,7 @@ FEATURES = {
     "peft_format": _peft_format,
     "4bit_base": _four_bit,
     "grad_checkpointing": _grad_checkpointing,
+    "compile": _compile,
     "grad_accumulation": _grad_accumulation,
     "resume": _resume,
 }
@@ -434,6 +455,7 @@ FEATURE_TITLES = {
     "peft_format": "PEFT adapter format",
     "4bit_base": "4-bit base",
     "grad_checkpointing": "gradient checkpointing",
+    "compile": "train.compile (torch.compile)",
     "grad_accumulation": "gradient accumulation",
     "resume": "exact resume",
 }

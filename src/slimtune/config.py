@@ -108,6 +108,11 @@ class TrainConfig(Checked):
     memory: str = "standard"
     """standard | low: gradient checkpointing wherever the method keeps backbone activations, with the chunked
     loss; the lowest peak at a measured speed cost (docs/memory.md)."""
+    compile: bool = False
+    """Compile each decoder layer's training forward with torch.compile (one graph shared by all layers, compiled
+    on the first step; evaluation and generation stay eager). Faster steps and a lower peak where the method's
+    layers trace (docs/memory.md, docs/capabilities.md); needs a C++ compiler on CPU, Triton on CUDA; one process.
+    """
     mixed_precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), no, bf16, fp16."""
     engine: str = "auto"

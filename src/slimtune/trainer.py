@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slimtune import memory, sharding, zero
+from slimtune import compiling, memory, sharding, zero
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
@@ -195,6 +195,8 @@ class Trainer:
             )
         check_trainable(adapted)
         apply_memory_settings(adapted, cfg)
+        if cfg.compile:
+            self._compile()
         self.identity = {"method": adapted.cfg.name, **(identity or {})}
         self._place(resume)
         # (under ZeRO-3 the head's weight is whole only inside the model's forward: the model's own loss)
@@ -207,6 +209,20 @@ class Trainer:
         self.skipped = 0  # steps not applied: non-finite loss or gradient (train.on_nonfinite: skip)
         self._skips_in_row = 0
         self.run_log = RunLog(run_dir, cfg.report_to, config, main=self.acc.is_main_process)
+
+    def _compile(self) -> None:
+        """``train.compile``: the decoder layers' training forward compiled (one process only, for now)."""
+        if self.acc.num_processes > 1:
+            raise UserError(
+                f"train.compile: not built for a {self.acc.num_processes}-process run yet (one process only); "
+                "set train.compile: false"
+            )
+        why = self.adapted.compile_refusal()
+        if why:
+            raise UserError(f"train.compile: method '{self.adapted.cfg.name}': {why}; set train.compile: false")
+        compiling.check_toolchain(self.acc.device)
+        n = compiling.compile_layers(self.adapted.model, self.adapted.cfg.name)
+        log.info("train.compile: %d decoder layers compile on the first step", n)
 
     def _place(self, resume: bool) -> None:
         """The model on its device (or sharded), the optimizer and schedule over it, and with ``resume`` the

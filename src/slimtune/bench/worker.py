@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from slimtune import hostmem, memory
+from slimtune import compiling, hostmem, memory
 
 
 def reset_host_peak() -> bool:
@@ -130,7 +130,7 @@ def run_nf4_forward(spec: dict) -> dict:
     }
 
 
-TRAIN_KEYS = ("memory", "chunked_loss", "grad_checkpointing", "engine", "zero_stage")
+TRAIN_KEYS = ("memory", "chunked_loss", "grad_checkpointing", "compile", "engine", "zero_stage")
 """Training settings a bench run may set (``lora[memory=low]``), beside the method's own."""
 RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
 """Keys of a bench run's ``settings`` that are not the method's."""
@@ -153,6 +153,7 @@ def run_config(spec: dict):
         grad_checkpointing=bool(given.get("grad_checkpointing", spec.get("grad_checkpointing", False))),
         chunked_loss=bool(given.get("chunked_loss", True)),
         memory=given.get("memory", "standard"),
+        compile=bool(given.get("compile", False)),
         engine=given.get("engine", "auto"),
         zero_stage=int(given.get("zero_stage", 2)),
         seed=spec.get("seed", 0),
@@ -218,7 +219,8 @@ def _count_flops(trainer) -> int:
     hooks keep activations alive that gradient checkpointing frees, and a heap grown by them stays in the RSS."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    # (eagerly: a compiled step's FLOPs are the same products, and compiled kernels bypass the counter)
+    with compiling.eager(), FlopCounterMode(display=False) as counter:
         trainer.train_step()
     return counter.get_total_flops()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimtune.errors import UserError
+from slimtune.gated_mlp import fuse_gated_mlps
 from slimtune.methods.base import TRAINER, WORKFLOW, Adapted, MethodConfig, MethodSpec
 from slimtune.methods.baselines import (
     FullConfig,
@@ -131,7 +132,9 @@ def apply(model: nn.Module, cfg: MethodConfig) -> Adapted:
         raise UserError(
             f"method {cfg.name} needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
         )
-    return spec.apply(model, cfg)
+    adapted = spec.apply(model, cfg)
+    fuse_gated_mlps(adapted.model)  # exact; fewer activations kept (gated_mlp.py)
+    return adapted
 
 
 __all__ = [

@@ -203,6 +203,11 @@ class Adapted:
             return None
         return head
 
+    def compile_refusal(self) -> str | None:
+        """Why ``train.compile`` cannot compile this method's decoder layers (one line), or None where they
+        trace as one graph (the capability probe checks it: no graph break, the eager run's trained state)."""
+        return None
+
     def bench_facts(self, seq_len: int) -> dict:
         """Method-specific figures a benchmark reports next to its measurements (e.g. a FLOP-share limit)."""
         return {}

@@ -118,6 +118,14 @@ def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> QLoraAdapted:
 
 
 class QLoraAdapted(LoraAdapted):
+    def compile_refusal(self) -> str | None:
+        if self.extra_state.get("nf4_backend") == "torch":
+            return (
+                "the pure-torch NF4 backend does not trace as one graph yet (each layer's quantization constants "
+                "are Python values Dynamo guards on, one recompilation per layer); backend: bitsandbytes compiles"
+            )
+        return None
+
     def merge(self) -> nn.Module:
         """Dequantize the NF4 base and fold the LoRA update in: a plain full-precision HF model.
 

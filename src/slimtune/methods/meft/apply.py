@@ -23,6 +23,11 @@ class MEFTAdapted(Adapted):
 
     cfg: MEFTConfig
 
+    def compile_refusal(self) -> str | None:
+        return (
+            "it gathers the touched adapter rows with a data-dependent nonzero, which breaks the traced graph"
+        )
+
     def __init__(self, model: nn.Module, cfg: MEFTConfig, stores: list[LayerStore], run: MEFTRun):
         super().__init__(model, cfg)
         self.stores, self.run = stores, run

@@ -77,6 +77,9 @@ class PSTAdapted(Adapted):
 
     cfg: PSTConfig
 
+    def compile_refusal(self) -> str | None:
+        return "its top-k masks are keyed on host-side scalars (Tensor.item()), which break the traced graph"
+
     def __init__(self, model: nn.Module, cfg: PSTConfig):
         super().__init__(model, cfg)
         self.extra_state["sparsity"] = cfg.init_sparsity

@@ -19,6 +19,12 @@ class QSTAdapted(Adapted):
 
     model: QSTModel
 
+    def compile_refusal(self) -> str | None:
+        return (
+            "it runs the 4-bit backbone without autograd and trains a side network outside the decoder "
+            "layers; nothing of its training step is in them"
+        )
+
     def loss_head(self) -> None:
         return None  # the side network's forward forms its own logit-free loss through the frozen head
 

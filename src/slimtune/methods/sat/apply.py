@@ -247,6 +247,12 @@ class SATAdapted(Adapted):
 
     cfg: SATConfig
 
+    def compile_refusal(self) -> str | None:
+        return (
+            "it slices each layer to the neurons it keeps, chosen from the data (torch.unique): a "
+            "data-dependent shape that breaks the traced graph"
+        )
+
     def __init__(self, model: nn.Module, cfg: SATConfig, controller: SATController):
         super().__init__(model, cfg)
         self.controller = controller
