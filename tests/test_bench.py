@@ -7,6 +7,7 @@ from tests.conftest import expected_allocator
 
 from slimtune.bench.run import BenchPlan, bench, label, plan_from_args, ratios
 from slimtune.bench.shapes import SHAPES, build_shape
+from slimtune.bench.worker import run_config
 from slimtune.errors import ConfigError, UserError
 
 RUN_KEYS = {
@@ -189,6 +190,10 @@ def test_bench_peer_and_train_settings_are_checked():
         plan_from_args("lora", None, ["lora.memory=tiny"])
     plan = plan_from_args("full,lora,qst", None, ["lora.memory=low"], peers="hf")
     assert plan.peers == ["hf"] and plan.runs[1]["settings"] == {"memory": "low"}
+    with pytest.raises(ConfigError, match="compile: 'fast' is not true/false"):
+        plan_from_args("lora", None, ["lora.compile=fast"])
+    plan = plan_from_args("lora", None, ["lora.compile=true"])
+    assert run_config({**plan.runs[0], "steps": 1, "warmup": 0, "batch": 1}).train.compile is True
 
 
 @pytest.mark.slow

@@ -36,7 +36,9 @@ def test_training_steps_run_compiled_and_evaluation_eagerly(fresh_dynamo):
     losses = caps.train(eager, 2, 5e-3, data)
     assert graphs() == 0
     compiled_losses = caps.train(compiled, 2, 5e-3, data, compile=True)
-    assert graphs() >= 1, "no layer was compiled"
+    # the trainer's forward builds no KV cache (each layer's update would recompile, up to Dynamo's limit of 8):
+    # one graph for layer 0 (its input, from the frozen embeddings, needs no gradient) and one for all others
+    assert graphs() == 2
     n = graphs()
     assert compiled_losses == pytest.approx(losses, abs=1e-5)
     # evaluation (no gradients) and generation with a KV cache: eager, nothing new compiled
@@ -57,7 +59,7 @@ def test_one_graph_serves_every_layer(fresh_dynamo):
     n_layers = compiling.compile_layers(a.model, "full")
     assert n_layers >= 2
     a.model.train()
-    a.model(**caps.batch()).loss.backward()
+    a.model(**caps.batch(), use_cache=False).loss.backward()
     assert graphs() == 1
 
 

@@ -16,6 +16,7 @@ class, their parameters and their state-dict keys (the forward is replaced per i
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import types
 
@@ -30,14 +31,25 @@ _COMPILED: dict[type, object] = {}
 
 def _compiled_forward(cls: type):
     if cls not in _COMPILED:
-        _COMPILED[cls] = torch.compile(cls.forward)
+        # an HF layer's class forward is its gradient-checkpointing wrapper (transformers' GradientCheckpointingLayer);
+        # the layer's own computation is what it wraps, compiled here and checkpointed below
+        fn = cls.forward
+        if getattr(fn, "__code__", None) is not None and fn.__code__.co_name == "forward_with_checkpointing":
+            fn = fn.__wrapped__
+        _COMPILED[cls] = torch.compile(fn)
     return _COMPILED[cls]
 
 
 def _training_forward(self: nn.Module, *args, **kwargs):
-    if self.training and torch.is_grad_enabled():
-        return _compiled_forward(type(self))(self, *args, **kwargs)
-    return type(self).forward(self, *args, **kwargs)
+    if not (self.training and torch.is_grad_enabled()):
+        return type(self).forward(self, *args, **kwargs)
+    compiled = _compiled_forward(type(self))
+    if getattr(self, "gradient_checkpointing", False):  # checkpoint the compiled layer, as HF's wrapper would
+        for key, off in (("use_cache", False), ("cache", None), ("layer_past", None)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = off
+        return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
+    return compiled(self, *args, **kwargs)
 
 
 def check_toolchain(device: torch.device) -> None:

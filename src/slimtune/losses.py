@@ -132,10 +132,11 @@ class _HiddenOut(nn.Module):
 class LogitFreeLoss:
     """The trainer's loss for a model whose output layer ``head`` (a plain ``nn.Linear``) it may apply itself:
     the model runs with ``head`` swapped for a pass-through and :func:`linear_cross_entropy` takes the loss from
-    the hidden state it returns. Works through wrappers (peft, accelerate, DDP): the swap is found by identity."""
+    the hidden state it returns. Works through wrappers (peft, accelerate, DDP): the swap is found by identity.
+    ``extra``: keyword arguments every training forward gets (``use_cache=False``)."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear):
-        self.model, self.head = model, head
+    def __init__(self, model: nn.Module, head: nn.Linear, extra: dict | None = None):
+        self.model, self.head, self.extra = model, head, extra or {}
         owners = [(m, n) for m in model.modules() for n, c in m.named_children() if c is head]
         if len(owners) != 1:
             raise ValueError(f"the output layer is a child of {len(owners)} modules, not one")
@@ -154,7 +155,7 @@ class LogitFreeLoss:
     def __call__(self, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with self.hidden_out():
-            hidden = self.model(**inputs).logits
+            hidden = self.model(**inputs, **self.extra).logits
         return linear_cross_entropy(hidden, self.head.weight, batch["labels"], self.head.bias)
 
     @torch.no_grad()

@@ -138,15 +138,26 @@ def loss_function(adapted: Adapted, model: torch.nn.Module, chunked: bool) -> Ca
     ``model`` is what the forward runs through (the accelerate-prepared model); the planner calls it too."""
     from torch._subclasses.fake_tensor import is_fake
 
+    # an HF model keeps a KV cache of every layer in training too when its config says use_cache (only gradient
+    # checkpointing turns it off): nothing reads it, and each layer's update would recompile a compiled layer
+    extra = {"use_cache": False} if _builds_a_cache(adapted.model) else {}
     head = adapted.loss_head() if chunked else None
     if head is not None:
-        fn = LogitFreeLoss(model, head)
+        fn = LogitFreeLoss(model, head, extra)
         ids = (torch.arange(3, 11, device=head.weight.device) % head.weight.shape[0])[None]
         why = None if is_fake(head.weight) else fn.mismatch(ids)
         if why is None:
             return fn
         log.warning("train.chunked_loss: the model's logits are not its head's output (%s); using them", why)
-    return lambda batch: model(**batch).loss
+    return lambda batch: model(**batch, **extra).loss
+
+
+def _builds_a_cache(model: torch.nn.Module) -> bool:
+    """An HF model (or a peft model over one), whose forward takes ``use_cache``."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, PreTrainedModel) and hasattr(base.config, "use_cache")
 
 
 class Trainer:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from slimtune.activations import keep_fewer_activations
 from slimtune.errors import UserError
-from slimtune.gated_mlp import fuse_gated_mlps
 from slimtune.methods.base import TRAINER, WORKFLOW, Adapted, MethodConfig, MethodSpec
 from slimtune.methods.baselines import (
     FullConfig,
@@ -133,7 +133,7 @@ def apply(model: nn.Module, cfg: MethodConfig) -> Adapted:
             f"method {cfg.name} needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
         )
     adapted = spec.apply(model, cfg)
-    fuse_gated_mlps(adapted.model)  # exact; fewer activations kept (gated_mlp.py)
+    keep_fewer_activations(adapted.model)  # exact (activations.py)
     return adapted
 
 

@@ -1,21 +1,23 @@
-"""The SiLU-gated MLP, ``down(silu(gate(x)) * up(x))``, keeping two ``[tokens, intermediate]`` tensors for backward
-instead of four.
+"""Fewer activations kept for backward, exactly: the SiLU-gated MLP and the RMSNorms of every decoder layer.
 
-Autograd as HF's modules run it keeps, per layer: ``gate(x)`` (for SiLU's backward), ``silu(gate(x))`` and ``up(x)``
-(for the product's), and the product (for ``down``'s weight gradient, or a LoRA ``A``'s). At the intermediate
-width (2.7× the hidden size in SmolLM2, 5.4× in Qwen2.5-0.5B) these four make most of a step's activations:
-56% of full fine-tuning's on SmolLM2-135M (720 of 1,280 MiB at 4 × 256, measured with saved-tensor hooks).
+**The gated MLP**, ``down(silu(gate(x)) * up(x))``. Autograd as HF's modules run it keeps, per layer: ``gate(x)``
+(for SiLU's backward), ``silu(gate(x))`` and ``up(x)`` (for the product's), and the product (for ``down``'s weight
+gradient, or a LoRA ``A``'s). At the intermediate width (2.7× the hidden size in SmolLM2, 5.4× in Qwen2.5-0.5B)
+these four make most of a step's activations: 56% of full fine-tuning's on SmolLM2-135M (720 of 1,280 MiB at
+4 × 256, measured with saved-tensor hooks). Here ``gate(x)`` and ``up(x)`` are kept and everything else is
+recomputed in backward, element-wise (SiLU and the product: no matmul is repeated). Where ``down`` is a plain
+``nn.Linear`` (full fine-tuning, or a frozen layer) it runs inside the same function, so the product is not kept
+for its weight gradient either: two tensors instead of four. Where ``down`` is anything else (a LoRA layer, a
+4-bit layer) it runs as itself on the product, which it may keep: three instead of four. The arithmetic is
+PyTorch's own ops in autograd's order (``silu_backward`` included), so gradients equal the unfused ones bit for
+bit. Applied to every decoder MLP that is exactly this form (its class forward, checked numerically on the first
+one); a method that replaced the forward, as SAT does, keeps its own.
 
-Here ``gate(x)`` and ``up(x)`` are kept and everything else is recomputed in backward, element-wise (SiLU and the
-product: no matmul is repeated). Where ``down`` is a plain ``nn.Linear`` (full fine-tuning, or a frozen layer) it
-runs inside the same function, so the product is not kept for its weight gradient either: two tensors instead of
-four. Where ``down`` is anything else (a LoRA layer, a 4-bit layer) it runs as itself on the product, which it may
-keep: three instead of four. The arithmetic is PyTorch's own ops in eager's order (``silu_backward`` included), so
-gradients equal the unfused ones bit for bit.
-
-Applied to every decoder layer's MLP that is exactly this form (the layer's class forward, checked numerically
-on the first one; a method that replaced the forward, as SAT does, keeps its own). Without gradients (evaluation,
-generation, a frozen backbone under ``no_grad``) the MLP computes as HF's does.
+**The RMSNorms** (HF's Python ones: ``x * rsqrt(mean(x²) + eps) * weight``, computed in fp32) keep their input,
+the reciprocal root and, where the weight trains, the normalised input; in a bf16 model the input is kept as its
+fp32 copy. Each runs under non-reentrant activation checkpointing, which keeps only the input as it came and
+reruns the same ops in backward (a few element-wise passes over ``[tokens, hidden]``): the same gradients, bit for
+bit. Where no gradient is taken, both compute as HF's modules do.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class _SiLUMul(torch.autograd.Function):
@@ -72,7 +75,9 @@ class _SiLUMulLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[3]:
             d_bias = flat.sum(0)
         grad_product = grad.matmul(weight) if any(ctx.needs_input_grad[:2]) else None
-        d_gate, d_up = (None, None) if grad_product is None else _gate_up_grads(ctx, grad_product, gate, up, silu)
+        d_gate, d_up = (
+            (None, None) if grad_product is None else _gate_up_grads(ctx, grad_product, gate, up, silu)
+        )
         return d_gate, d_up, d_weight, d_bias
 
 
@@ -86,7 +91,11 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return self.down_proj(F.silu(gate) * up)
     down = self.down_proj
-    if _plain_linear(down) and not torch.is_autocast_enabled(x.device.type) and gate.dtype == down.weight.dtype:
+    if (
+        _plain_linear(down)
+        and not torch.is_autocast_enabled(x.device.type)
+        and gate.dtype == down.weight.dtype
+    ):
         return _SiLUMulLinear.apply(gate, up, down.weight, down.bias)
     return down(_SiLUMul.apply(gate, up))
 
@@ -140,3 +149,49 @@ def fuse_gated_mlps(model: nn.Module) -> int:
             mlp.forward = types.MethodType(_forward, mlp)
             n += 1
     return n
+
+
+def _checkpointed_norm(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return checkpoint(
+        type(self).forward,
+        self,
+        hidden_states,
+        *args,
+        use_reentrant=False,
+        preserve_rng_state=False,
+        **kwargs,
+    )
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and not hasattr(module.weight, "ds_id")  # (ZeRO-3 gathers it only inside the module's own call)
+        and "forward" not in vars(module)
+        and not module._forward_pre_hooks
+    )
+
+
+def checkpoint_norms(model: nn.Module) -> int:
+    """Run every RMSNorm inside the decoder layers under activation checkpointing; returns how many."""
+    from slimtune.arch import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        return 0
+    n = 0
+    for layer in layers:
+        for module in layer.modules():
+            if _is_rms_norm(module):
+                module.forward = types.MethodType(_checkpointed_norm, module)
+                n += 1
+    return n
+
+
+def keep_fewer_activations(model: nn.Module) -> int:
+    """Both of the above on ``model``; returns how many modules changed."""
+    return fuse_gated_mlps(model) + checkpoint_norms(model)
