@@ -230,7 +230,9 @@ class Trainer:
             )
         why = self.adapted.compile_refusal()
         if why:
-            raise UserError(f"train.compile: method '{self.adapted.cfg.name}': {why}; set train.compile: false")
+            raise UserError(
+                f"train.compile: method '{self.adapted.cfg.name}': {why}; set train.compile: false"
+            )
         compiling.check_toolchain(self.acc.device)
         n = compiling.compile_layers(self.adapted.model, self.adapted.cfg.name)
         log.info("train.compile: %d decoder layers compile on the first step", n)
