@@ -22,7 +22,8 @@ import torch
 from slimtune import hostmem
 from slimtune.bench.worker import RUN_KEYS, TRAIN_KEYS
 from slimtune.config import TrainConfig, parse_overrides
-from slimtune.errors import UserError
+from slimtune.errors import ConfigError, UserError
+from slimtune.schema import build
 
 DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
 WORKERS = {False: "slimtune.bench.worker", True: "slimtune.bench.peers"}
@@ -100,7 +101,10 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
         r["settings"] = {**r.get("settings", {}), **extra.get(r["method"], {})}
         check = {k: v for k, v in r["settings"].items() if k not in RUN_KEYS}
         METHODS[r["method"]].config_cls(**check)  # a bad setting fails here, before anything runs
-        TrainConfig(**{k: v for k, v in r["settings"].items() if k in TRAIN_KEYS})
+        problems: list[str] = []  # (typed as a config file's train section is: `compile=fast` is no bool)
+        build(TrainConfig, {k: v for k, v in r["settings"].items() if k in TRAIN_KEYS}, "train", problems)
+        if problems:
+            raise ConfigError([p.removeprefix("train.") for p in problems])
     return plan
 
 
