@@ -67,9 +67,21 @@ ALLOCATOR_GAP = pytest.mark.xfail(
 )
 
 
+MEASURED_BEFORE_ACTIVATIONS = set(MEASURED)
+"""Measured before the decoder layers kept fewer activations (slimtune/activations.py: the gated MLP's two-tensor
+backward, checkpointed RMSNorms) and before the trainer's forwards stopped building a KV cache: re-traced with
+neither, as they were measured."""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, meta, run", list(_cases()))
-def test_prediction_keeps_agreeing_with_the_measurement(name, meta, run):
+def test_prediction_keeps_agreeing_with_the_measurement(name, meta, run, monkeypatch):
+    if name in MEASURED_BEFORE_ACTIVATIONS:
+        import slimtune.methods
+        import slimtune.trainer
+
+        monkeypatch.setattr(slimtune.methods, "keep_fewer_activations", lambda model: 0)
+        monkeypatch.setattr(slimtune.trainer, "_builds_a_cache", lambda model: False)
     settings = {k: v for k, v in run["settings"].items() if k not in ("baseline", "lr")}
     method = run["method"]
     t = trace_step(

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from slimtune import activations
 from slimtune.errors import ConfigError
 from slimtune.methods import apply, make_config
 from slimtune.methods.sat.apply import remove_sat, sat_modules
@@ -231,7 +232,11 @@ def test_eval_is_dense_removal_restores_and_state_dict_is_unchanged():
         k: v.shape for k, v in ref.state_dict().items()
     }
     remove_sat(a.model)
-    assert all("forward" not in m.__dict__ for m in a.model.modules())
+    # no forward of SAT's is left; the norms keep the checkpointed one every method's model gets (activations.py)
+    left = {
+        getattr(m.__dict__["forward"], "__func__", None) for m in a.model.modules() if "forward" in m.__dict__
+    }
+    assert left <= {activations._checkpointed_norm}
     assert torch.equal(fwd_bwd(a.model, data).logits, fwd_bwd(tiny_llama(seed=0), data).logits)
 
 
