@@ -100,16 +100,16 @@ def _forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return down(_SiLUMul.apply(gate, up))
 
 
+def _untouched(module: nn.Module) -> bool:
+    """Its class's own forward runs (no method replaced it or hooks in before it)."""
+    return "forward" not in vars(module) and not module._forward_pre_hooks
+
+
 def _is_silu_gated(mlp: nn.Module) -> bool:
     from transformers.activations import SiLUActivation
 
     parts = all(isinstance(getattr(mlp, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-    return (
-        parts
-        and isinstance(getattr(mlp, "act_fn", None), SiLUActivation | nn.SiLU)
-        and "forward" not in vars(mlp)
-        and not mlp._forward_pre_hooks
-    )
+    return parts and isinstance(getattr(mlp, "act_fn", None), SiLUActivation | nn.SiLU) and _untouched(mlp)
 
 
 def _computes_the_same(mlp: nn.Module) -> bool:
@@ -170,8 +170,7 @@ def _is_rms_norm(module: nn.Module) -> bool:
         type(module).__name__.endswith("RMSNorm")
         and isinstance(getattr(module, "weight", None), nn.Parameter)
         and not hasattr(module.weight, "ds_id")  # (ZeRO-3 gathers it only inside the module's own call)
-        and "forward" not in vars(module)
-        and not module._forward_pre_hooks
+        and _untouched(module)
     )
 
 
