@@ -194,6 +194,11 @@ def test_bench_peer_and_train_settings_are_checked():
         plan_from_args("lora", None, ["lora.compile=fast"])
     plan = plan_from_args("lora", None, ["lora.compile=true"])
     assert run_config({**plan.runs[0], "steps": 1, "warmup": 0, "batch": 1}).train.compile is True
+    # stepping inside backward cannot clip: the bench turns clipping off for it (and only for it)
+    plan = plan_from_args("full", None, ["full.optimizer_in_backward=true"])
+    train = run_config({**plan.runs[0], "steps": 1, "warmup": 0, "batch": 1}).train
+    assert train.optimizer_in_backward is True and train.max_grad_norm is None
+    assert run_config({"method": "full", "steps": 1, "warmup": 0, "batch": 1}).train.max_grad_norm == 1.0
 
 
 @pytest.mark.slow

@@ -71,6 +71,22 @@ def test_full_fine_tuning_roles_are_what_adamw_holds(tied):
     assert t.at_grads["optimizer"] == 2 * n_bytes + 4 * n_tensors  # exp_avg, exp_avg_sq, a float32 step each
 
 
+def test_stepping_inside_backward_is_planned_with_the_trainers_hooks():
+    """``--optimizer-in-backward``: the fake trace runs the trainer's own hooks, matches the real step, and no
+    gradient is left when backward ends; the peak drops by about the gradients (the model is small: the
+    activations are not what peaks)."""
+    config = family_config("llama", **{**SMALL, "vocab_size": 4096})
+    full = make_config("full")
+    ordinary = trace_step(config, full, 2, 16, torch.float32)
+    fake = trace_step(config, full, 2, 16, torch.float32, optimizer_in_backward=True)
+    real = trace_step(config, full, 2, 16, torch.float32, fake=False, optimizer_in_backward=True)
+    assert fake.at_grads["gradients"] == real.at_grads["gradients"] == 0
+    assert fake.at_grads["optimizer"] == real.at_grads["optimizer"] == ordinary.at_grads["optimizer"]
+    assert real.total <= fake.total <= 1.05 * real.total, (fake.peak, real.peak)
+    largest = 4096 * 128 * 4  # the embedding's gradient: the only one alive while it steps
+    assert ordinary.total - fake.total > ordinary.trainable_bytes - 2 * largest, (ordinary.peak, fake.peak)
+
+
 def test_bf16_halves_the_weights_and_a_7b_traces_without_memory():
     from slimtune.bench.shapes import shape_config
 

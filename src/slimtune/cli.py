@@ -180,6 +180,7 @@ def cmd_plan(args) -> int:
     rows = P.plan(
         config, runs, args.batch, args.seq_len, args.dtype, args.grad_accum, args.grad_checkpointing,
         args.gpu, fit=args.fit, log=lambda m: print(m, file=sys.stderr), fsdp=args.fsdp,
+        optimizer_in_backward=args.optimizer_in_backward,
     )  # fmt: skip
     what = args.shape or args.model or args.config
     if args.json:
@@ -332,6 +333,11 @@ def _add_plan_command(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (weights and compute)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="each parameter steps inside backward (train.optimizer_in_backward; needs --grad-accum 1)",
+    )
     p.add_argument("--gpu", help="a budget: a size (24GiB, 80GB) or a GPU (a5000, 4090, a100-80, h100, ...)")
     p.add_argument(
         "--fit", default="batch", help="with --gpu: search the largest batch (default), seq_len, or none"

@@ -114,6 +114,11 @@ class TrainConfig(Checked):
     where the method's layers trace (docs/memory.md, docs/capabilities.md); needs a C++ compiler on CPU, Triton on
     CUDA; one process.
     """
+    optimizer_in_backward: bool = False
+    """Step AdamW on each parameter as soon as backward has formed its gradient and free the gradient there, so
+    the gradients never exist all at once (full fine-tuning's peak drops by about the size of its trainable
+    weights; same update as an ordinary step). Needs ``max_grad_norm: null`` and ``grad_accum: 1``; one process;
+    not for methods that work on the gradients before the step (SAT, MEFT). See docs/memory.md."""
     mixed_precision: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA), no, bf16, fp16."""
     engine: str = "auto"
@@ -183,6 +188,22 @@ class TrainConfig(Checked):
 
             out += check(self.report_to)
         out += choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        if self.optimizer_in_backward is True and self.max_grad_norm is not None:
+            out.append(
+                (
+                    "optimizer_in_backward",
+                    f"needs max_grad_norm: null (it is {self.max_grad_norm}): clipping needs the norm of every "
+                    "gradient before any parameter steps",
+                )
+            )
+        if self.optimizer_in_backward is True and self.grad_accum != 1:
+            out.append(
+                (
+                    "optimizer_in_backward",
+                    f"needs grad_accum: 1 (it is {self.grad_accum}): each parameter steps as soon as one "
+                    "backward has formed its gradient",
+                )
+            )
         return out
 
 

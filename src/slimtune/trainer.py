@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slimtune import compiling, memory, sharding, zero
+from slimtune import compiling, in_backward, memory, sharding, zero
 from slimtune.checkpoint import load_checkpoint, save_checkpoint
 from slimtune.config import TrainConfig
 from slimtune.data import BatchStream, Encoded
@@ -210,6 +210,7 @@ class Trainer:
             self._compile()
         self.identity = {"method": adapted.cfg.name, **(identity or {})}
         self._place(resume)
+        self.in_backward = self._step_in_backward() if cfg.optimizer_in_backward else None
         # (under ZeRO-3 the head's weight is whole only inside the model's forward: the model's own loss)
         chunked = (cfg.chunked_loss or cfg.memory == "low") and self.zero < 3
         self.loss = loss_function(adapted, self.model, chunked)
@@ -236,6 +237,16 @@ class Trainer:
         compiling.check_toolchain(self.acc.device)
         n = compiling.compile_layers(self.adapted.model, self.adapted.cfg.name)
         log.info("train.compile: %d decoder layers compile on the first step", n)
+
+    def _step_in_backward(self) -> in_backward.StepInBackward:
+        """``train.optimizer_in_backward``: AdamW steps each parameter inside backward (in_backward.py)."""
+        why = in_backward.refusal(
+            self.adapted, self.cfg, self.acc.num_processes, getattr(self.acc, "scaler", None)
+        )
+        if why:
+            raise UserError(f"train.optimizer_in_backward: {why}; set train.optimizer_in_backward: false")
+        raw = getattr(self.optimizer, "optimizer", self.optimizer)  # (inside accelerate's wrapper)
+        return in_backward.StepInBackward(raw, list(self.adapted.named_trainable_parameters()))
 
     def _place(self, resume: bool) -> None:
         """The model on its device (or sharded), the optimizer and schedule over it, and with ``resume`` the
@@ -302,7 +313,9 @@ class Trainer:
             sync = nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
         with sync, self.acc.autocast():
             loss = self.loss(batch)
-            self.acc.backward(loss / self.cfg.grad_accum)
+            # (stepping inside backward: a non-finite loss must not reach it; the step is skipped as usual)
+            if self.in_backward is None or math.isfinite(loss.item()):
+                self.acc.backward(loss / self.cfg.grad_accum)
         return loss.item(), int(batch["attention_mask"].sum())
 
     def train_step(self, with_grads: Callable[[], None] | None = None) -> tuple[float, int, float | None]:
@@ -317,6 +330,8 @@ class Trainer:
         data_before = self.stream.state()
         kept = [t.clone() for t in adapted.step_state()]
         adapted.on_step_start(self.step)
+        if self.in_backward is not None:
+            self.in_backward.start()
         losses, tokens = [], 0
         for micro in range(cfg.grad_accum):
             loss, ntok = self._micro_step(next(self.stream), last=micro == cfg.grad_accum - 1)
@@ -327,9 +342,13 @@ class Trainer:
             with_grads()
         grad_norm = None
         fault = self._nonfinite(losses)
+        if self.in_backward is not None and self.in_backward.fault:
+            self._partly_stepped(self.in_backward.fault)
         if fault is None:
             self._skips_in_row = 0
-            if self.zero:  # clipping, AdamW and zeroing the gradients, in the engine
+            if self.in_backward is not None:
+                pass  # every parameter has stepped inside backward
+            elif self.zero:  # clipping, AdamW and zeroing the gradients, in the engine
                 self.model.step()
                 norm = self.model.get_global_grad_norm() if cfg.max_grad_norm is not None else None
                 grad_norm = None if norm is None else float(norm)
@@ -378,6 +397,23 @@ class Trainer:
             flags = self.acc.reduce(torch.tensor([float(bad is not None)], device=self.acc.device), "sum")
             bad = bad or ("a non-finite loss or gradient on another rank" if float(flags[0]) else None)
         return bad
+
+    def _partly_stepped(self, fault: str) -> None:
+        """A non-finite gradient under ``train.optimizer_in_backward``: the parameters before it in backward have
+        stepped, so the step cannot be skipped; the run stops without saving that state."""
+        saved = self.run_dir / "checkpoint"
+        raise RunStopped(
+            f"step {self.step + 1}: non-finite {fault}; stopped (train.optimizer_in_backward: "
+            f"{self.in_backward.stepped} parameters had already stepped, so the step cannot be skipped; this "
+            "state is not saved). "
+            + (
+                f"Resume the last checkpoint with `slimtune train --resume {self.run_dir}`"
+                if saved.exists()
+                else "No checkpoint was written before it (train.save_every)"
+            )
+            + "; lower train.lr or check the data",
+            EXIT_NONFINITE,
+        )
 
     def _skip_step(self, fault: str, data_before: dict) -> None:
         """A non-finite step: counted and logged (skip), or the last good state saved and the run stopped."""

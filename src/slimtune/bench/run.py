@@ -102,7 +102,10 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
         check = {k: v for k, v in r["settings"].items() if k not in RUN_KEYS}
         METHODS[r["method"]].config_cls(**check)  # a bad setting fails here, before anything runs
         problems: list[str] = []  # (typed as a config file's train section is: `compile=fast` is no bool)
-        build(TrainConfig, {k: v for k, v in r["settings"].items() if k in TRAIN_KEYS}, "train", problems)
+        train = {k: v for k, v in r["settings"].items() if k in TRAIN_KEYS}
+        if train.get("optimizer_in_backward") is True:  # (the bench turns clipping off for it: run_config)
+            train["max_grad_norm"] = None
+        build(TrainConfig, train, "train", problems)
         if problems:
             raise ConfigError([p.removeprefix("train.") for p in problems])
     return plan

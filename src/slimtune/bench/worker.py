@@ -130,7 +130,15 @@ def run_nf4_forward(spec: dict) -> dict:
     }
 
 
-TRAIN_KEYS = ("memory", "chunked_loss", "grad_checkpointing", "compile", "engine", "zero_stage")
+TRAIN_KEYS = (
+    "memory",
+    "chunked_loss",
+    "grad_checkpointing",
+    "compile",
+    "optimizer_in_backward",
+    "engine",
+    "zero_stage",
+)
 """Training settings a bench run may set (``lora[memory=low]``), beside the method's own."""
 RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
 """Keys of a bench run's ``settings`` that are not the method's."""
@@ -138,13 +146,15 @@ RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
 
 def run_config(spec: dict):
     """The :class:`~slimtune.config.RunConfig` of a measurement: what `slimtune train` would run, held at the
-    schedules' first rung, with a constant learning rate and no clipping changes."""
+    schedules' first rung, with a constant learning rate; clipping at 1.0 as `slimtune train` clips, except with
+    ``optimizer_in_backward`` (which cannot clip)."""
     from slimtune import config as C
     from slimtune.methods import make_config
 
     given = spec.get("settings", {})
     settings = {k: v for k, v in given.items() if k not in RUN_KEYS}
     steps = spec["steps"] + spec["warmup"]
+    in_backward = bool(given.get("optimizer_in_backward", False))
     train = C.TrainConfig(
         steps=steps,
         batch_size=spec["batch"],
@@ -154,6 +164,8 @@ def run_config(spec: dict):
         chunked_loss=bool(given.get("chunked_loss", True)),
         memory=given.get("memory", "standard"),
         compile=bool(given.get("compile", False)),
+        optimizer_in_backward=in_backward,
+        max_grad_norm=None if in_backward else C.TrainConfig.max_grad_norm,
         engine=given.get("engine", "auto"),
         zero_stage=int(given.get("zero_stage", 2)),
         seed=spec.get("seed", 0),
@@ -351,6 +363,7 @@ def _prediction(spec: dict, adapted, cfg) -> dict:
             adapted.model.config, cfg.method, spec["batch"], spec["seq_len"], dtype,
             grad_checkpointing=cfg.train.grad_checkpointing or cfg.train.memory == "low",
             chunked_loss=cfg.train.chunked_loss or cfg.train.memory == "low",
+            optimizer_in_backward=cfg.train.optimizer_in_backward,
         )  # fmt: skip
     except Exception as err:  # the measurement stands; the planner's failure is reported beside it
         return {"error": f"{type(err).__name__}: {err}"}

@@ -134,10 +134,12 @@ def plan(
     fit: str = "batch",
     log=lambda msg: None,
     fsdp: int = 1,
+    optimizer_in_backward: bool = False,
 ) -> list[PlanRow]:
     """One :class:`PlanRow` per (method, settings); with ``gpu``, whether it fits and (``fit`` 'batch' or
     'seq_len') the largest batch or sequence length that does. ``fsdp`` N > 1: per rank of an FSDP2 job of N
-    processes (``batch`` rows per rank), traced through the trainer's sharding on a fake process group."""
+    processes (``batch`` rows per rank), traced through the trainer's sharding on a fake process group.
+    ``optimizer_in_backward``: each parameter steps inside backward (``train.optimizer_in_backward``)."""
     if fit not in ("batch", "seq_len", "none"):
         raise UserError(f"--fit: '{fit}' is not one of batch, seq_len, none")
     if dtype not in DTYPES:
@@ -146,6 +148,11 @@ def plan(
         raise UserError("--batch, --seq-len and --grad-accum must be positive")
     if fsdp < 1:
         raise UserError(f"--fsdp: {fsdp} must be a positive number of processes")
+    if optimizer_in_backward and (grad_accum > 1 or fsdp > 1):
+        raise UserError(
+            "--optimizer-in-backward: needs --grad-accum 1 and one process (each parameter steps as soon as one "
+            "backward has formed its gradient)"
+        )
     if fsdp > 1:
         from slimtune.engines import status
 
@@ -155,6 +162,8 @@ def plan(
                 raise UserError(f"plan --fsdp: method '{name}' does not run under FSDP: {why}")
     budget, named = parse_budget(gpu) if gpu else (None, None)
     opts = {"dtype": DTYPES[dtype], "grad_accum": grad_accum, "grad_checkpointing": grad_checkpointing}
+    if optimizer_in_backward:
+        opts["optimizer_in_backward"] = True
     if fsdp > 1:
         opts["fsdp"] = fsdp
     rows = []

@@ -164,14 +164,18 @@ class Trace:
         return sum(self.peak.values())
 
 
-def _step(adapted, optimizer, loss, batch: dict, grad_accum: int, step: int, with_grads=lambda: None) -> None:
-    """The Trainer's step (``Trainer.train_step``) without its logging, clipping reads and data stream."""
+def _step(
+    adapted, optimizer, loss, batch: dict, grad_accum: int, step: int, with_grads=lambda: None, in_bwd=False
+) -> None:
+    """The Trainer's step (``Trainer.train_step``) without its logging, clipping reads and data stream;
+    ``in_bwd``: the parameters stepped inside backward (``train.optimizer_in_backward``), not here."""
     adapted.on_step_start(step)
     for _ in range(grad_accum):
         (loss(batch) / grad_accum).backward()
     adapted.after_backward(step)
     with_grads()
-    optimizer.step()
+    if not in_bwd:
+        optimizer.step()
     adapted.optimizer_step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     adapted.on_step_end(step + 1)
@@ -189,12 +193,14 @@ def trace_step(
     chunked_loss: bool = True,
     fsdp: int = 1,
     fused_adamw: bool = True,
+    optimizer_in_backward: bool = False,
 ) -> Trace:
     """Build ``config``'s model in ``dtype``, apply ``method_cfg`` and trace two steps: on fake tensors (the
     plan), or with ``fake=False`` on real ones (the same tracker and step, to check the plan on small models).
     ``fsdp`` N > 1: shard the model over N ranks with the trainer's FSDP2 code and trace rank 0 (on a fake
     process group when ``fake``, on the job's real one otherwise). ``fused_adamw``: the trainer's AdamW (False:
-    PyTorch's default ``foreach`` step, which the trainer ran before 2026-12-05)."""
+    PyTorch's default ``foreach`` step, which the trainer ran before 2026-12-05). ``optimizer_in_backward``: each
+    parameter steps inside backward and its gradient is freed there (``train.optimizer_in_backward``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from slimtune.quant.nf4 import dynamic_map_8bit
@@ -221,6 +227,7 @@ def trace_step(
             chunked_loss,
             mesh,
             fused_adamw,
+            optimizer_in_backward,
         )
     trace.seconds = time.perf_counter() - t0
     return trace
@@ -261,6 +268,7 @@ def _trace(
     chunked_loss,
     mesh=None,
     fused_adamw=True,
+    optimizer_in_backward=False,
 ) -> Trace:
     from transformers import AutoModelForCausalLM
 
@@ -281,6 +289,10 @@ def _trace(
             part = p.numel() - sharding.local(p).numel()
             held["trainable" if p.requires_grad else "frozen_weights"] -= part * p.element_size()
     optimizer = make_adamw(adapted.param_groups(0.0), 1e-4, fused=fused_adamw and mesh is None)
+    if optimizer_in_backward:
+        from slimtune.in_backward import StepInBackward
+
+        StepInBackward(optimizer, list(adapted.named_trainable_parameters()), check_finite=False)
     ids = torch.randint(3, config.vocab_size, (batch, seq_len))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     adapted.total_steps = None  # schedules hold their first rung, as in `slimtune bench`
@@ -293,12 +305,13 @@ def _trace(
         # FLOPs on the first step; memory on the second, apart: the counter's module hooks keep activations alive
         # that gradient checkpointing frees (a LoRA step traced under it held 4x the checkpointed activations)
         with FlopCounterMode(display=False) as flops:
-            _step(adapted, optimizer, loss, data, grad_accum, 0)
+            _step(adapted, optimizer, loss, data, grad_accum, 0, in_bwd=optimizer_in_backward)
         tracker.reset_mod_stats()
         tracker.reset_peak()
         _step(
-            adapted, optimizer, loss, data, grad_accum, 1, lambda: at_grads.update(tracker.by_role("current"))
-        )
+            adapted, optimizer, loss, data, grad_accum, 1, lambda: at_grads.update(tracker.by_role("current")),
+            in_bwd=optimizer_in_backward,
+        )  # fmt: skip
     return Trace(
         method_cfg.name,
         tracker.by_role("peak"),
