@@ -12,8 +12,7 @@ import torch
 
 from slimtune import capabilities as caps
 from slimtune.config import from_dict
-from slimtune.errors import ConfigError
-from slimtune.errors import UserError
+from slimtune.errors import ConfigError, UserError
 from slimtune.faults import RunStopped
 from slimtune.in_backward import StepInBackward
 
