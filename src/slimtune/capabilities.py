@@ -344,6 +344,18 @@ def _compile(method: str) -> None:
     _check(_same_state(_state(a), _state(b), 1e-5), "compiled training ended elsewhere")
 
 
+def _in_backward(method: str) -> None:
+    """``train.optimizer_in_backward``: each parameter steps inside backward, and training ends exactly (bit for
+    bit) where the ordinary step does, weight decay on (neither clips)."""
+    data, lr = batch(), SETTINGS[method][1]
+    a, b = adapt(method, "llama"), adapt(method, "llama")
+    train(a, 3, lr, data, weight_decay=0.1)
+    train(b, 3, lr, data, weight_decay=0.1, optimizer_in_backward=True)
+    x, y = _state(a), _state(b)
+    same = x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    _check(same, "training with the step inside backward ended elsewhere")
+
+
 def _grad_accumulation(method: str) -> None:
     """Two micro-batches of 2 per step train (loss finite and falling)."""
     data, lr = batch(b=4), SETTINGS[method][1]
@@ -407,6 +419,7 @@ FEATURES = {
     "4bit_base": _four_bit,
     "grad_checkpointing": _grad_checkpointing,
     "compile": _compile,
+    "optimizer_in_backward": _in_backward,
     "grad_accumulation": _grad_accumulation,
     "resume": _resume,
 }
@@ -456,6 +469,7 @@ FEATURE_TITLES = {
     "4bit_base": "4-bit base",
     "grad_checkpointing": "gradient checkpointing",
     "compile": "train.compile (torch.compile)",
+    "optimizer_in_backward": "train.optimizer_in_backward",
     "grad_accumulation": "gradient accumulation",
     "resume": "exact resume",
 }
@@ -524,7 +538,8 @@ def render(matrix: dict) -> str:
         "adds accelerate's loss scaler, not exercised here). Gradient checkpointing: "
         "the same trained state as without it. train.compile: the decoder layers compile (a Dynamo graph, no "
         "graph break) and train to the eager run's state within 1e-5 (QLoRA on the backend it picks here, "
-        "bitsandbytes). Exact resume: a run checkpointed after step 2 and resumed in a "
+        "bitsandbytes). train.optimizer_in_backward: each parameter steps inside backward and the trained state "
+        "equals the ordinary step's bit for bit. Exact resume: a run checkpointed after step 2 and resumed in a "
         "fresh model and trainer ends at step 4 with the uninterrupted run's state.",
         "",
         "## Notes",
