@@ -93,7 +93,7 @@ def test_logit_free_loss_refuses_soft_capped_logits():
     """Gemma 2 soft-caps its logits (not linear in the hidden state): the numeric check catches it, and the
     method contract does not offer the head in the first place."""
     from slimtune.methods import apply, make_config
-    from slimtune.trainer import loss_function
+    from slimtune.train_setup import loss_function
 
     model = tiny_model("gemma2")
     assert LogitFreeLoss(model, model.get_output_embeddings()).mismatch(_batch(256)["input_ids"]) is not None

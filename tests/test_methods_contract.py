@@ -304,7 +304,7 @@ def test_the_trainer_s_adamw_is_fused_where_it_can_be_and_steps_as_the_default_o
     """PyTorch's fused AdamW (no parameter-sized temporaries) for plain tensors on CPU/CUDA; the same updates as
     the default ``foreach`` step, with the parameters' version counters bumped as the default step does;
     parameters it cannot take (here on the meta device) get the default."""
-    from slimtune.trainer import make_adamw
+    from slimtune.optim import make_adamw
 
     torch.manual_seed(0)
     start = [torch.randn(300, 7), torch.randn(11)]

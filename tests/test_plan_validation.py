@@ -78,10 +78,10 @@ neither, as they were measured."""
 def test_prediction_keeps_agreeing_with_the_measurement(name, meta, run, monkeypatch):
     if name in MEASURED_BEFORE_ACTIVATIONS:
         import slimtune.methods
-        import slimtune.trainer
+        import slimtune.train_setup
 
         monkeypatch.setattr(slimtune.methods, "keep_fewer_activations", lambda model: 0)
-        monkeypatch.setattr(slimtune.trainer, "_builds_a_cache", lambda model: False)
+        monkeypatch.setattr(slimtune.train_setup, "_builds_a_cache", lambda model: False)
     settings = {k: v for k, v in run["settings"].items() if k not in ("baseline", "lr")}
     method = run["method"]
     t = trace_step(

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.methods.base import Adapted, nonfinite
+
 
 def refusal(adapted, cfg, num_processes: int, scaler) -> str | None:
     """Why ``train.optimizer_in_backward`` cannot run here (one line), or None."""
@@ -35,8 +37,6 @@ def refusal(adapted, cfg, num_processes: int, scaler) -> str | None:
         )
     if scaler is not None:
         return "not with fp16 loss scaling (the scaler unscales and checks every gradient before the step)"
-    from slimtune.methods.base import Adapted
-
     own = [
         name
         for name in ("after_backward", "optimizer_step")
@@ -48,16 +48,6 @@ def refusal(adapted, cfg, num_processes: int, scaler) -> str | None:
             f"({', '.join(own)})"
         )
     return None
-
-
-def nonfinite(grad: torch.Tensor) -> torch.Tensor:
-    """A 0-dim float on ``grad``'s device: 1.0 where ``grad`` holds a NaN or inf, else 0.0 (no host sync). Its
-    least and largest values: a NaN shows in both, an inf in one; no overflow, and 8× faster on CPU than the
-    max-abs norm (0.03 vs 0.18 s for 0.45 GB on 2 threads)."""
-    if grad.numel() == 0:
-        return torch.zeros((), device=grad.device)
-    lo, hi = torch.aminmax(grad)
-    return torch.logical_not(torch.isfinite(lo) & torch.isfinite(hi)).float()
 
 
 class StepInBackward:

@@ -24,63 +24,14 @@ from slimtune.engines import require_supported, zero_stage
 from slimtune.errors import UserError
 from slimtune.evaluate import EvalResult, evaluate
 from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
-from slimtune.losses import LogitFreeLoss
 from slimtune.methods.base import Adapted
+from slimtune.optim import make_adamw, make_scheduler
 from slimtune.tasks import Task
 from slimtune.trackers import RunLog
+from slimtune.train_setup import apply_memory_settings, check_trainable, loss_function, make_accelerator
 
 log = logging.getLogger(__name__)
 MAX_SKIPS_IN_ROW = 10  # train.on_nonfinite: skip stops a run that only produces non-finite steps
-
-
-def make_accelerator(mixed_precision: str):
-    from accelerate import Accelerator
-
-    mp = mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
-
-
-def make_adamw(groups: list[dict], lr: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over ``groups``; with ``fused``, PyTorch's fused kernel where every parameter allows it (plain
-    floating-point tensors on CPU or CUDA). The default (``foreach``) step forms temporaries as large as all
-    parameters together (0.71 GB above the moments for 176M fp32 parameters, measured here); the fused kernel
-    forms none and stepped 3× faster (0.11 vs 0.33 s). Sharded parameters (FSDP2 DTensors, DeepSpeed's
-    partitions) keep the default.
-
-    The fused kernel updates the parameters in place without bumping their version counters (PyTorch 2.13;
-    the ``foreach`` step bumps them), and code that caches what it derives from a weight keys it on that counter
-    (PST's masked weight): a post-step hook bumps the version of every parameter the step updated."""
-    params = [p for g in groups for p in g["params"]]
-    fusable = fused and all(
-        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
-        for p in params
-    )
-    if not fusable:
-        return torch.optim.AdamW(groups, lr=lr)
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    optimizer.register_step_post_hook(_bump_versions)
-    return optimizer
-
-
-def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    stepped = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if stepped:
-        torch.autograd.graph.increment_version(stepped)
-
-
-def make_scheduler(optimizer, cfg: TrainConfig):
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
-
-    if cfg.schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-    fn = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
-    return fn(optimizer, cfg.warmup_steps, cfg.steps)
 
 
 @dataclass
@@ -93,71 +44,6 @@ class TrainResult:
     peak_bytes: int
     peak_bytes_per_rank: list[int] = field(default_factory=list)
     evals: dict[int, dict] = field(default_factory=dict)
-
-
-def enable_checkpointing(adapted: Adapted) -> None:
-    """Gradient checkpointing of the adapted model's backbone (a clear error where the method has none)."""
-    m = adapted.model
-    if not hasattr(m, "gradient_checkpointing_enable"):
-        raise UserError(
-            f"train.grad_checkpointing: not supported by method '{adapted.cfg.name}' "
-            f"({type(m).__name__} keeps no backbone activations to recompute)"
-        )
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(m, "enable_input_require_grads"):
-        m.enable_input_require_grads()
-
-
-def check_trainable(adapted: Adapted) -> None:
-    """Refuse a method with nothing to train, or one that would train fp16 tensors with AdamW."""
-    if not adapted.trainable_parameters():
-        raise ValueError(f"method '{adapted.cfg.name}' left no trainable parameters")
-    half = [n for n, p in adapted.named_trainable_parameters() if p.dtype == torch.float16]
-    if half:
-        raise UserError(
-            f"model.dtype: method '{adapted.cfg.name}' would train {len(half)} fp16 tensors (e.g. {half[0]}); "
-            "AdamW's eps (1e-8) is 0 in fp16 and small squared gradients underflow, so the update is NaN: "
-            "use model.dtype: bf16, or fp32 weights with train.mixed_precision: fp16 on a GPU"
-        )
-
-
-def apply_memory_settings(adapted: Adapted, cfg: TrainConfig) -> None:
-    """``train.grad_checkpointing``, or ``train.memory: low`` (checkpointing wherever the method allows it)."""
-    if cfg.grad_checkpointing:
-        enable_checkpointing(adapted)
-    elif cfg.memory == "low":
-        try:
-            enable_checkpointing(adapted)
-        except UserError as err:  # low memory still takes the chunked loss
-            log.info("train.memory: low: no gradient checkpointing (%s)", err)
-
-
-def loss_function(adapted: Adapted, model: torch.nn.Module, chunked: bool) -> Callable[[dict], torch.Tensor]:
-    """The training loss of one micro-batch: the logit-free loss through the method's :meth:`~Adapted.loss_head`
-    when ``chunked`` and the head passes a numeric check on a few tokens, else the model's own ``.loss``.
-    ``model`` is what the forward runs through (the accelerate-prepared model); the planner calls it too."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    # an HF model keeps a KV cache of every layer in training too when its config says use_cache (only gradient
-    # checkpointing turns it off): nothing reads it, and each layer's update would recompile a compiled layer
-    extra = {"use_cache": False} if _builds_a_cache(adapted.model) else {}
-    head = adapted.loss_head() if chunked else None
-    if head is not None:
-        fn = LogitFreeLoss(model, head, extra)
-        ids = (torch.arange(3, 11, device=head.weight.device) % head.weight.shape[0])[None]
-        why = None if is_fake(head.weight) else fn.mismatch(ids)
-        if why is None:
-            return fn
-        log.warning("train.chunked_loss: the model's logits are not its head's output (%s); using them", why)
-    return lambda batch: model(**batch, **extra).loss
-
-
-def _builds_a_cache(model: torch.nn.Module) -> bool:
-    """An HF model (or a peft model over one), whose forward takes ``use_cache``."""
-    from transformers import PreTrainedModel
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(base, PreTrainedModel) and hasattr(base.config, "use_cache")
 
 
 class Trainer:

@@ -277,10 +277,19 @@ class MethodSpec:
         return [p for p in dict.fromkeys(wanted) if importlib.util.find_spec(p) is None]
 
 
+def nonfinite(grad: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float on ``grad``'s device: 1.0 where ``grad`` holds a NaN or inf, else 0.0 (no host sync). Its
+    least and largest values: a NaN shows in both, an inf in one; no overflow, and 8× faster on CPU than the
+    max-abs norm (0.03 vs 0.18 s for 0.45 GB on 2 threads)."""
+    if grad.numel() == 0:
+        return torch.zeros((), device=grad.device)
+    lo, hi = torch.aminmax(grad)
+    return torch.logical_not(torch.isfinite(lo) & torch.isfinite(hi)).float()
+
+
 def first_nonfinite_grad(named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
     """The first name whose tensor's ``.grad`` holds a NaN or inf: each gradient's least and largest value (no
     overflow; 8× faster on CPU than the max-abs norm used before), one host read per device."""
-    from slimtune.in_backward import nonfinite
     from slimtune.sharding import (
         local,
     )  # under FSDP each rank checks its shard; the trainer combines the ranks

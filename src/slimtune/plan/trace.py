@@ -257,23 +257,12 @@ def _mesh(world: int, fake: bool):
         dist.destroy_process_group()
 
 
-def _trace(
-    config,
-    method_cfg,
-    batch,
-    seq_len,
-    dtype,
-    grad_accum,
-    grad_checkpointing,
-    chunked_loss,
-    mesh=None,
-    fused_adamw=True,
-    optimizer_in_backward=False,
-) -> Trace:
+def _adapted(config, method_cfg, dtype, grad_checkpointing, mesh):
+    """The method applied to ``config``'s model (sharded over ``mesh``), and the bytes this rank holds by role."""
     from transformers import AutoModelForCausalLM
 
     from slimtune.methods import apply
-    from slimtune.trainer import enable_checkpointing, loss_function, make_adamw
+    from slimtune.train_setup import enable_checkpointing
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -288,6 +277,26 @@ def _trace(
         for p in adapted.model.parameters():  # this rank holds its shards of them
             part = p.numel() - sharding.local(p).numel()
             held["trainable" if p.requires_grad else "frozen_weights"] -= part * p.element_size()
+    return adapted, held
+
+
+def _trace(
+    config,
+    method_cfg,
+    batch,
+    seq_len,
+    dtype,
+    grad_accum,
+    grad_checkpointing,
+    chunked_loss,
+    mesh=None,
+    fused_adamw=True,
+    optimizer_in_backward=False,
+) -> Trace:
+    from slimtune.optim import make_adamw
+    from slimtune.train_setup import loss_function
+
+    adapted, held = _adapted(config, method_cfg, dtype, grad_checkpointing, mesh)
     optimizer = make_adamw(adapted.param_groups(0.0), 1e-4, fused=fused_adamw and mesh is None)
     if optimizer_in_backward:
         from slimtune.in_backward import StepInBackward
