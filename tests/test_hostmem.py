@@ -187,3 +187,40 @@ def test_the_command_restarts_itself_on_the_installed_malloc_in_the_same_process
             f"{proc.pid} {want} ['train', 'x.yaml'] True",
         ]
     assert "large alloc" not in err
+
+
+RELEASE = """
+import re, sys
+from pathlib import Path
+import torch
+from slimtune import hostmem
+
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+kept = [torch.ones(64 << 10) for _ in range(4096)]  # 4096 x 256 KiB, touched: blocks a heap keeps
+del kept
+before = rss()
+how = hostmem.release_free_memory()
+print(hostmem.allocator_in_use(), how, before - rss())
+"""
+
+
+@pytest.mark.parametrize("preloaded", [False, True])
+def test_the_heaps_free_memory_goes_back_to_the_system(preloaded):
+    """What a model's preparation freed (1 GiB here, in blocks both heaps keep: measured, glibc and TCMalloc alike
+    held all of it) leaves the RSS once ``release_free_memory`` runs (``api.prepare`` calls it)."""
+    env = clean_env()
+    if preloaded:
+        want = expected_allocator()
+        if want == "system":
+            pytest.skip("no TCMalloc or jemalloc installed")
+        env = hostmem.allocator_env(env)
+    proc = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    name, how, freed = proc.stdout.split()
+    if preloaded:
+        assert name == how == expected_allocator()
+    else:
+        assert (name, how) == ("system", "malloc_trim")
+    assert int(freed) > 0.8 * (1 << 30), f"{how} gave back {int(freed) / 2**20:.0f} MiB of 1024"

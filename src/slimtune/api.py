@@ -81,7 +81,9 @@ def prepare(cfg: C.RunConfig, loader: Callable[[], tuple] | None = None) -> Prep
         model, tok = models.load(cfg.model.name, cfg.model.dtype, device=models.default_device())
     else:
         model, tok = loader()
-    return Prepared(apply_method(model, cfg.method), tok)
+    adapted = apply_method(model, cfg.method)
+    hostmem.release_free_memory()  # what loading and quantizing freed (weight-sized buffers)
+    return Prepared(adapted, tok)
 
 
 def _shared_run_dir(cfg: C.RunConfig, state) -> Path:

