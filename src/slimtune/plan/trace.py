@@ -216,19 +216,9 @@ def trace_step(
         if fake:
             for mode in (FakeTensorMode(allow_non_fake_inputs=True), UnknownValues(), fake_moves()):
                 stack.enter_context(mode)
-        trace = _trace(
-            config,
-            method_cfg,
-            batch,
-            seq_len,
-            dtype,
-            grad_accum,
-            grad_checkpointing,
-            chunked_loss,
-            mesh,
-            fused_adamw,
-            optimizer_in_backward,
-        )
+        opts = {"grad_checkpointing": grad_checkpointing, "chunked_loss": chunked_loss, "mesh": mesh}
+        opts |= {"fused_adamw": fused_adamw, "optimizer_in_backward": optimizer_in_backward}
+        trace = _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, **opts)
     trace.seconds = time.perf_counter() - t0
     return trace
 
