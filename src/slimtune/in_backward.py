@@ -28,7 +28,7 @@ from torch import nn
 from slimtune.methods.base import Adapted, nonfinite
 
 
-def refusal(adapted, cfg, num_processes: int, scaler) -> str | None:
+def refusal(adapted, num_processes: int, scaler) -> str | None:
     """Why ``train.optimizer_in_backward`` cannot run here (one line), or None."""
     if num_processes > 1:
         return (

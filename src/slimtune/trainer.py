@@ -126,9 +126,7 @@ class Trainer:
 
     def _step_in_backward(self) -> in_backward.StepInBackward:
         """``train.optimizer_in_backward``: AdamW steps each parameter inside backward (in_backward.py)."""
-        why = in_backward.refusal(
-            self.adapted, self.cfg, self.acc.num_processes, getattr(self.acc, "scaler", None)
-        )
+        why = in_backward.refusal(self.adapted, self.acc.num_processes, getattr(self.acc, "scaler", None))
         if why:
             raise UserError(f"train.optimizer_in_backward: {why}; set train.optimizer_in_backward: false")
         raw = getattr(self.optimizer, "optimizer", self.optimizer)  # (inside accelerate's wrapper)
