@@ -216,7 +216,9 @@ def test_the_heaps_free_memory_goes_back_to_the_system(preloaded):
         if want == "system":
             pytest.skip("no TCMalloc or jemalloc installed")
         env = hostmem.allocator_env(env)
-    proc = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     name, how, freed = proc.stdout.split()
     if preloaded:
