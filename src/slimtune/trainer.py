@@ -230,13 +230,11 @@ class Trainer:
             self._partly_stepped(self.in_backward.fault)
         if fault is None:
             self._skips_in_row = 0
-            if self.in_backward is not None:
-                pass  # every parameter has stepped inside backward
-            elif self.zero:  # clipping, AdamW and zeroing the gradients, in the engine
+            if self.zero:  # clipping, AdamW and zeroing the gradients, in the engine
                 self.model.step()
                 norm = self.model.get_global_grad_norm() if cfg.max_grad_norm is not None else None
                 grad_norm = None if norm is None else float(norm)
-            else:
+            elif self.in_backward is None:  # (with it, every parameter has stepped inside backward)
                 grad_norm = self._clip()
                 self.optimizer.step()
             adapted.optimizer_step(self.optimizer)
