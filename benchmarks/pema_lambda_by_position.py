@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from slimtune import config as C
-from slimtune import models
 from slimtune.methods.pema.layer import ExternalMemory, PEMAAdapter, mix_log_probs
+from slimtune.models import loading as models
 from slimtune.recipes.pema import dev_split, encode_pair, load_head, read_pairs
+from slimtune.training import config as C
 
 BUCKETS = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 10**9)]
 LAMBDAS = [0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0]

@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from slimtune import models
 from slimtune.methods.pst import PSTConfig, apply_pst
 from slimtune.methods.pst.apply import pst_layers, set_sparsity
 from slimtune.methods.pst.layer import nm_mask, nm_topk_mask, row_topk_mask, topk_mask
+from slimtune.models import loading as models
 
 
 def median_time(fn, repeats: int) -> float:

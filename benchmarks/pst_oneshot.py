@@ -15,12 +15,12 @@ import sys
 
 import torch
 
-from slimtune import config as C
-from slimtune import models
-from slimtune.data import load_split
-from slimtune.evaluate import eval_loss
+from slimtune.data.records import load_split
 from slimtune.methods.base import Adapted, MethodConfig
 from slimtune.methods.pst.layer import nm_mask, row_topk_mask, topk_mask
+from slimtune.models import loading as models
+from slimtune.training import config as C
+from slimtune.training.evaluate import eval_loss
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Probe every trainer method on every decoder family, dtype and trainer feature; write the capability matrix.
 
-.venv/bin/python scripts/capabilities.py          # writes src/slimtune/capabilities.json, docs/capabilities.md
+.venv/bin/python scripts/capabilities.py          # writes src/slimtune/capabilities/capabilities.json, docs/capabilities.md
 .venv/bin/python scripts/capabilities.py --check  # exit 1 if either file differs from a fresh probe
 """
 
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from slimtune.capabilities import MATRIX_FILE, probe_all, render
+    from slimtune.capabilities.probes import MATRIX_FILE, probe_all, render
 
     matrix = probe_all()
     text_json = json.dumps(matrix, indent=1, ensure_ascii=False) + "\n"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TCMalloc for the `slimtune` command (src/slimtune/hostmem.py): on CPU it keeps a step's peak RSS near its tensors
+# TCMalloc for the `slimtune` command (src/slimtune/core/hostmem.py): on CPU it keeps a step's peak RSS near its tensors
 # at no speed cost (docs/memory.md). Optional and best effort: installed from Debian/Ubuntu's package where this runs
 # as root with apt-get; otherwise one line says how. Never fails the set-up.
 set -u

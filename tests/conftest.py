@@ -53,7 +53,7 @@ def tiny_tok():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tok) -> Path:
     """An HF model directory (config, safetensors, tokenizer) of a seeded tiny Llama."""
-    from slimtune.models import tiny_llama
+    from slimtune.models.loading import tiny_llama
 
     d = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_llama(
@@ -69,7 +69,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tok) -> Path:
 
 @pytest.fixture
 def tiny_model():
-    from slimtune.models import tiny_llama
+    from slimtune.models.loading import tiny_llama
 
     return tiny_llama(seed=0)
 
@@ -90,8 +90,8 @@ def instr_jsonl(tmp_path) -> Path:
 
 
 # the random-token batch of the capability probes, for the tests too
-from slimtune import hostmem  # noqa: E402
-from slimtune.capabilities import batch  # noqa: E402,F401
+from slimtune.capabilities.probes import batch  # noqa: E402,F401
+from slimtune.core import hostmem  # noqa: E402
 
 
 def clean_env() -> dict[str, str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from slimtune.capabilities import SETTINGS, adapt, batch, trainer_for
-from slimtune.engines import end_job
+from slimtune.capabilities.probes import SETTINGS, adapt, batch, trainer_for
+from slimtune.engines.support import end_job
 
 
 def _trainer(method: str, steps: int, engine: str, run_dir: Path, resume: bool = False):

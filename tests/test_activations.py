@@ -1,4 +1,4 @@
-"""The SiLU-gated MLP keeping two [tokens, intermediate] tensors for backward (slimtune/activations.py): the same loss
+"""The SiLU-gated MLP keeping two [tokens, intermediate] tensors for backward (slimtune/modules/activations.py): the same loss
 and gradients as HF's forward, bit for bit; fewer saved bytes; applied only where the MLP is exactly that form."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import slimtune.methods as M
-from slimtune import activations
-from slimtune import capabilities as caps
-from slimtune.activations import fuse_gated_mlps
-from slimtune.arch import layer_mlps
+from slimtune.capabilities import probes as caps
+from slimtune.modules import activations
+from slimtune.modules.activations import fuse_gated_mlps
+from slimtune.modules.arch import layer_mlps
 
 
 def adapt(method, family="llama", fused=True, **kw):
@@ -160,8 +160,8 @@ def test_checkpointed_norms_keep_only_their_input(method, dtype, at_least, monke
     input where the weight trains (full fine-tuning: 4 bytes), the fp32 copy of a bf16 input less the bf16 input the
     checkpoint keeps instead (LoRA in bf16: 1.5 bytes measured at the traced peak; asserted: 1); fp32 LoRA (frozen
     weight, fp32 input) keeps the same input either way."""
-    from slimtune.families import family_config
     from slimtune.methods import make_config
+    from slimtune.models.families import family_config
     from slimtune.plan.trace import trace_step
 
     small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

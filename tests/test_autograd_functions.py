@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.losses import IGNORE, frozen_head_cross_entropy, linear_cross_entropy
 from slimtune.methods import make_config
 from slimtune.methods.pst.layer import PSTLinear
 from slimtune.methods.sat.layer import mlp_forward
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
+from slimtune.modules.losses import IGNORE, frozen_head_cross_entropy, linear_cross_entropy
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}  # measured: 3.1e-7, 4.4e-3, 5.2e-4
 ERRORS: list = []  # (what, dtype, error) of every comparison, for inspection

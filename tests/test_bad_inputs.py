@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimtune import config as C
 from slimtune.cli import main
+from slimtune.training import config as C
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = [case for f in sorted(CORPUS.glob("*.yaml")) for case in yaml.safe_load(f.read_text())]

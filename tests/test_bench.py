@@ -6,9 +6,9 @@ import pytest
 from tests.conftest import expected_allocator
 
 from slimtune.bench.run import BenchPlan, bench, label, plan_from_args, ratios
-from slimtune.bench.shapes import SHAPES, build_shape
 from slimtune.bench.worker import run_config
-from slimtune.errors import ConfigError, UserError
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.models.shapes import SHAPES, build_shape
 
 RUN_KEYS = {
     "method",
@@ -77,7 +77,7 @@ def test_bench_schema_failure_and_ratios(tmp_path):
     # full fine-tuning: gradients and AdamW state match the parameter count (fp32: 4 and 8 bytes/param)
     assert full["memory_by_role"]["gradients"] == 4 * full["trainable_params"]
     # AdamW keeps two fp32 moments per parameter plus a 0-dim step counter per tensor
-    from slimtune.models import tiny_llama
+    from slimtune.models.loading import tiny_llama
 
     n_tensors = len(list(tiny_llama().parameters()))
     assert full["memory_by_role"]["optimizer"] == 8 * full["trainable_params"] + 4 * n_tensors
@@ -214,7 +214,7 @@ def test_bench_under_two_processes_reports_every_ranks_peak(tmp_path):
     assert r["peak_bytes"] == max(r["peak_bytes_per_rank"]) > 0
     assert r["tokens_per_s"] == pytest.approx(2 * 2 * 16 / r["step_time_median_s"])
     assert "lora[engine=fsdp], 2 procs, fsdp" in (tmp_path / "out" / "results.md").read_text()
-    from slimtune.models import tiny_llama
+    from slimtune.models.loading import tiny_llama
 
     whole = sum(p.numel() * p.element_size() for p in tiny_llama().parameters())  # (LoRA's A/B come on top)
     assert r["memory_by_role"]["frozen_weights"] == whole // 2  # each rank holds its shard, not the whole

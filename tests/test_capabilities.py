@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slimtune import capabilities as caps
+from slimtune.capabilities import probes as caps
 from slimtune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def test_committed_matrix_is_current(fresh):
 
 
 def test_every_method_and_family_is_in_the_matrix():
-    from slimtune.families import FAMILIES
     from slimtune.methods import METHODS, TRAINER
+    from slimtune.models.families import FAMILIES
 
     matrix = caps.load_matrix()
     trainers = {n for n, s in METHODS.items() if s.kind == TRAINER}

@@ -90,9 +90,9 @@ def test_no_import_cycle_inside_slimtune():
 def test_the_cycle_check_finds_a_cycle():
     """The check itself can fail: the loop config.py and the method configs had (via the registry) is found."""
     graph = import_graph()
-    graph["slimtune.schema"] = graph["slimtune.schema"] | {"slimtune.config"}
+    graph["slimtune.core.schema"] = graph["slimtune.core.schema"] | {"slimtune.training.config"}
     found = cycles(graph)
-    assert found and "slimtune.schema" in found[0] and "slimtune.config" in found[0]
+    assert found and "slimtune.core.schema" in found[0] and "slimtune.training.config" in found[0]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 

@@ -1,4 +1,4 @@
-"""``train.compile``: the decoder layers' training forward through torch.compile (slimtune/compiling.py).
+"""``train.compile``: the decoder layers' training forward through torch.compile (slimtune/modules/compiling.py).
 
 Whether each method's layers compile and train to the eager state is the capability probe's (``compile`` in
 docs/capabilities.md); here: what runs compiled and what stays eager, checkpointing under it, deep copies, and the
@@ -13,9 +13,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from slimtune import capabilities as caps
-from slimtune import compiling
-from slimtune.errors import UserError
+from slimtune.capabilities import probes as caps
+from slimtune.core.errors import UserError
+from slimtune.modules import compiling
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_deep_copy_runs_its_own_layers():
     a = caps.adapt("full", "llama")
     compiling.compile_layers(a.model, "full")
     twin = copy.deepcopy(a.model)
-    from slimtune.arch import decoder_layers
+    from slimtune.modules.arch import decoder_layers
 
     for layer, copied in zip(decoder_layers(a.model), decoder_layers(twin), strict=True):
         assert layer.forward.__self__ is layer and copied.forward.__self__ is copied

@@ -1,7 +1,7 @@
 import pytest
 
-from slimtune import config as C
-from slimtune.errors import ConfigError, UserError
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.training import config as C
 
 
 def problems(raw: dict) -> list[str]:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tests.conftest import write_jsonl
 
-from slimtune.config import DataConfig
-from slimtune.data import (
+from slimtune.core.errors import UserError
+from slimtune.data.records import (
     IGNORE,
     BatchStream,
     Encoded,
@@ -19,7 +19,7 @@ from slimtune.data import (
     pack,
     read_records,
 )
-from slimtune.errors import UserError
+from slimtune.training.config import DataConfig
 
 
 def learned(tok, ids, labels) -> str:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from slimtune import capabilities as caps
+from slimtune.capabilities import probes as caps
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "slimtune"
 FACTORIES = {
@@ -70,8 +70,8 @@ def test_tensors_created_while_running_follow_the_model(method):
 
 
 def test_the_detector_sees_a_host_tensor():
-    from slimtune.data import collate
-    from slimtune.losses import frozen_head_cross_entropy
+    from slimtune.data.records import collate
+    from slimtune.modules.losses import frozen_head_cross_entropy
 
     with HostFactories() as mode:
         torch.zeros(3)  # from this test file: not slimtune's code, not recorded

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimtune.engines import DEEPSPEED_METHODS, FSDP_METHODS
+from slimtune.engines.support import DEEPSPEED_METHODS, FSDP_METHODS
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS = 4
@@ -167,7 +167,7 @@ def test_a_deepspeed_checkpoint_resumes_in_one_process_and_not_under_deepspeed(
 
 
 def _initial(method: str) -> dict:
-    from slimtune.capabilities import adapt
+    from slimtune.capabilities.probes import adapt
 
     name, _, extra = method.partition(":")
     settings = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
@@ -175,7 +175,7 @@ def _initial(method: str) -> dict:
 
 
 def test_docs_show_the_engine_table_the_code_enforces():
-    from slimtune.engines import render
+    from slimtune.engines.support import render
 
     doc = (Path(__file__).parents[1] / "docs" / "distributed.md").read_text()
     begin, end = "<!-- engines:begin -->\n", "<!-- engines:end -->"
@@ -192,15 +192,15 @@ def test_docs_show_the_engine_table_the_code_enforces():
     ],
 )
 def test_the_launched_engine_is_read_from_the_launcher(env, engine):
-    from slimtune.engines import launched_engine
+    from slimtune.engines.support import launched_engine
 
     assert launched_engine(env) == engine
 
 
 def test_the_zero_stage_and_the_deepspeed_config_a_user_gives_are_the_ones_used(monkeypatch):
-    from slimtune.engines import zero_stage
-    from slimtune.errors import UserError
-    from slimtune.zero import CONFIG_ENV, ds_config
+    from slimtune.core.errors import UserError
+    from slimtune.engines.deepspeed import CONFIG_ENV, ds_config
+    from slimtune.engines.support import zero_stage
 
     assert zero_stage(2, {}) == 2 and zero_stage(2, {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == 3
     with pytest.raises(UserError, match="ZeRO stage 1"):

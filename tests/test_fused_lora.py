@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimtune.methods import apply, make_config
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
 
 
 class CountOps(TorchDispatchMode):
@@ -69,7 +69,7 @@ IDS = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(1))
 )
 def test_the_fused_forward_gives_peft_s_loss_and_gradients(name, kw, dtype, tol):
     if kw.get("backend") == "bitsandbytes":
-        from slimtune.quant.backbone import bnb_works
+        from slimtune.modules.quant.backbone import bnb_works
 
         if not bnb_works(torch.device("cpu")):
             pytest.skip("bitsandbytes 4-bit does not run here")

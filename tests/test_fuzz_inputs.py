@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimtune import config as C
-from slimtune.data import detect_format, encode_records, read_records
-from slimtune.errors import ConfigError, UserError
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.data.records import detect_format, encode_records, read_records
+from slimtune.training import config as C
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

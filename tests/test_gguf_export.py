@@ -11,8 +11,10 @@ import pytest
 import torch
 from tests.test_pipeline import run_cfg
 
-from slimtune import api, gguf_export, models
 from slimtune.cli import main
+from slimtune.models import gguf_export
+from slimtune.models import loading as models
+from slimtune.recipes import train as api
 
 needs_converter = pytest.mark.skipif(
     not (gguf_export.converter_dir() / "convert_hf_to_gguf.py").is_file(),
@@ -45,7 +47,7 @@ def smol_tok():
 @pytest.mark.real
 @pytest.mark.parametrize("quant", list(TOL))
 def test_each_type_round_trips_a_tiny_llama(quant, smol_tok, tmp_path):
-    from slimtune.families import tiny_model
+    from slimtune.models.families import tiny_model
 
     model = tiny_model("llama", vocab_size=len(smol_tok))
     diff, scale, facts = _round_trip(model, smol_tok, tmp_path, quant)
@@ -62,7 +64,7 @@ def test_each_type_round_trips_a_tiny_llama(quant, smol_tok, tmp_path):
 def test_other_families_round_trip(family, smol_tok, tmp_path):
     """Qwen2 with the real Qwen tokenizer (the converter identifies a tokenizer by its pre-tokenizer); Mistral
     with inputs no longer than its sliding window, which the converter does not carry (the export warns)."""
-    from slimtune.families import tiny_model
+    from slimtune.models.families import tiny_model
 
     tok = smol_tok
     if family == "qwen2":
@@ -79,7 +81,7 @@ def test_other_families_round_trip(family, smol_tok, tmp_path):
 @pytest.fixture(scope="module")
 def smol_tiny_dir(tmp_path_factory, smol_tok):
     """A tiny Llama directory with SmolLM2's real tokenizer (the converter identifies tokenizers it knows)."""
-    from slimtune.families import tiny_model
+    from slimtune.models.families import tiny_model
 
     d = tmp_path_factory.mktemp("tiny-smol")
     tiny_model("llama", vocab_size=len(smol_tok)).save_pretrained(d)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from tests.conftest import clean_env, expected_allocator
 
-from slimtune import hostmem
+from slimtune.core import hostmem
 
 PROBE = """
 import re, slimtune, torch
@@ -121,7 +121,7 @@ def test_the_malloc_is_preloaded_only_where_installed_and_the_user_did_not_decid
 
 
 def test_an_unknown_or_missing_malloc_is_one_clear_error(tmp_path):
-    from slimtune.errors import UserError
+    from slimtune.core.errors import UserError
 
     with pytest.raises(UserError, match=r"SLIMTUNE_ALLOCATOR='tmalloc': choose one of auto, tcmalloc"):
         hostmem.allocator_env({"SLIMTUNE_ALLOCATOR": "tmalloc"}, "linux", [tmp_path])
@@ -156,7 +156,7 @@ def test_a_peer_runs_on_the_users_malloc(tmp_path):
 
 RESTART = """
 import os, sys
-from slimtune import hostmem
+from slimtune.core import hostmem
 print(os.getpid(), hostmem.allocator_in_use(), flush=True)
 hostmem.use_allocator()
 print(os.getpid(), hostmem.allocator_in_use(), sys.argv[1:], hostmem.applied == hostmem.huge_pages_on())
@@ -193,7 +193,7 @@ RELEASE = """
 import re, sys
 from pathlib import Path
 import torch
-from slimtune import hostmem
+from slimtune.core import hostmem
 
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024

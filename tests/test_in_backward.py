@@ -1,4 +1,4 @@
-"""``train.optimizer_in_backward``: AdamW steps each parameter inside backward (slimtune/in_backward.py).
+"""``train.optimizer_in_backward``: AdamW steps each parameter inside backward (slimtune/training/in_backward.py).
 
 The trained state must equal the ordinary step's bit for bit (it is the same per-tensor update), no two
 gradients may exist at once, and what it cannot do is refused with one line."""
@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from slimtune import capabilities as caps
-from slimtune.config import from_dict
-from slimtune.errors import ConfigError, UserError
-from slimtune.faults import RunStopped
-from slimtune.in_backward import StepInBackward
+from slimtune.capabilities import probes as caps
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.training.config import from_dict
+from slimtune.training.faults import RunStopped
+from slimtune.training.in_backward import StepInBackward
 
 
 @pytest.mark.parametrize(

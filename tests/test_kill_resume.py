@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from slimtune import config as C
-from slimtune.capabilities import SETTINGS
-from slimtune.checkpoint import CKPT, DELAY_ENV, PREV, TMP, latest_checkpoint, verify
+from slimtune.capabilities.probes import SETTINGS
+from slimtune.training import config as C
+from slimtune.training.checkpoint import CKPT, DELAY_ENV, PREV, TMP, latest_checkpoint, verify
 
 FAMILIES = ["full", "lora", "qlora", "meft", "sat", "pst", "qst"]
 STEPS = 8

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimtune.families import tiny_model
-from slimtune.losses import IGNORE, LogitFreeLoss, frozen_head_cross_entropy, linear_cross_entropy
+from slimtune.models.families import tiny_model
+from slimtune.modules.losses import IGNORE, LogitFreeLoss, frozen_head_cross_entropy, linear_cross_entropy
 
 
 def _reference(h, w_or_labels, labels=None):
@@ -93,7 +93,7 @@ def test_logit_free_loss_refuses_soft_capped_logits():
     """Gemma 2 soft-caps its logits (not linear in the hidden state): the numeric check catches it, and the
     method contract does not offer the head in the first place."""
     from slimtune.methods import apply, make_config
-    from slimtune.train_setup import loss_function
+    from slimtune.training.setup import loss_function
 
     model = tiny_model("gemma2")
     assert LogitFreeLoss(model, model.get_output_embeddings()).mismatch(_batch(256)["input_ids"]) is not None

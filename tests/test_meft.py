@@ -6,10 +6,10 @@ import pytest
 import torch
 from tests.conftest import batch
 
-from slimtune.errors import ConfigError
+from slimtune.core.errors import ConfigError
 from slimtune.methods import apply, make_config
 from slimtune.methods.meft.layer import Selection, select_topk, union_rows
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
 
 D = 64
 

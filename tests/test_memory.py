@@ -1,8 +1,8 @@
 import torch
 
-from slimtune import memory
+from slimtune.core import memory
 from slimtune.methods import apply, make_config
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
 
 
 def test_roles_add_up_for_full_fine_tuning():
@@ -43,7 +43,7 @@ def test_runtime_rss_is_the_current_footprint_below_the_peak():
 
     code = """
 import torch
-from slimtune import memory
+from slimtune.core import memory
 runtime = memory.runtime_rss_bytes()
 slack = 4 * 1024 * 1024  # getrusage's peak trails /proc's current RSS by a few pages
 assert 50e6 < runtime <= memory.peak_rss_bytes() + slack, runtime

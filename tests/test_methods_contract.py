@@ -7,12 +7,12 @@ import pytest
 import torch
 from tests.conftest import batch
 
-from slimtune import capabilities as caps
-from slimtune.errors import ConfigError
+from slimtune.capabilities import probes as caps
+from slimtune.core.errors import ConfigError
+from slimtune.core.schema import positive
 from slimtune.methods import METHODS, Adapted, MethodConfig, apply, make_config
-from slimtune.models import tiny_llama
-from slimtune.quant.backbone import bnb_works, quantize_decoder
-from slimtune.schema import positive
+from slimtune.models.loading import tiny_llama
+from slimtune.modules.quant.backbone import bnb_works, quantize_decoder
 
 BNB = bnb_works(torch.device("cpu"))
 
@@ -147,7 +147,7 @@ class TestContract:
             with pytest.raises(ConfigError, match=r"r: -1 must be > 0"):
                 cls(**bad)
         else:
-            from slimtune.schema import build
+            from slimtune.core.schema import build
 
             problems = []
             build(cls, {"freeze_embeddings": "yes"}, "method", problems)
@@ -277,10 +277,10 @@ def test_a_new_method_needs_only_its_registry_line(
 ):
     """Config validation, `slimtune train`, `list`, checkpoints and reload learn a new method from its
     MethodSpec alone: nothing else is edited."""
-    from slimtune import api
-    from slimtune import config as C
     from slimtune.cli import main
     from slimtune.methods import METHODS, MethodSpec
+    from slimtune.recipes import train as api
+    from slimtune.training import config as C
 
     spec = MethodSpec("normtune", NormTuneConfig, apply_normtune, "adapter", "RMSNorm gains only")
     monkeypatch.setitem(METHODS, "normtune", spec)
@@ -304,7 +304,7 @@ def test_the_trainer_s_adamw_is_fused_where_it_can_be_and_steps_as_the_default_o
     """PyTorch's fused AdamW (no parameter-sized temporaries) for plain tensors on CPU/CUDA; the same updates as
     the default ``foreach`` step, with the parameters' version counters bumped as the default step does;
     parameters it cannot take (here on the meta device) get the default."""
-    from slimtune.optim import make_adamw
+    from slimtune.training.optim import make_adamw
 
     torch.manual_seed(0)
     start = [torch.randn(300, 7), torch.randn(11)]

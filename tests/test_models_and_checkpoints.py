@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
-from slimtune import api, memory, models
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.core import memory
 from slimtune.methods import apply, make_config
+from slimtune.models import loading as models
+from slimtune.recipes import train as api
+from slimtune.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_load_places_the_model_on_the_device(tiny_model_dir):

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from slimtune.quant.nf4 import NF4_CODE, NF4Linear, absmax_of, dequantize_nf4, dynamic_map_8bit, quantize_nf4
+from slimtune.modules.quant.nf4 import (
+    NF4_CODE,
+    NF4Linear,
+    absmax_of,
+    dequantize_nf4,
+    dynamic_map_8bit,
+    quantize_nf4,
+)
 
 
 def weights(seed=0, shape=(96, 160)):
@@ -60,7 +67,7 @@ def test_nf4_linear_keeps_no_dequantized_weight_for_backward():
     the weight's size (it is dequantized again in backward, as bitsandbytes does)."""
     from torch import nn
 
-    from slimtune.quant.nf4 import NF4Linear
+    from slimtune.modules.quant.nf4 import NF4Linear
 
     torch.manual_seed(0)
     q = NF4Linear(nn.Linear(64, 32, bias=True))
@@ -84,7 +91,7 @@ def test_flop_counter_counts_the_bitsandbytes_4bit_forward():
     pytest.importorskip("bitsandbytes")
     from torch.utils.flop_counter import FlopCounterMode
 
-    from slimtune.quant.backbone import bnb_works, quantize_decoder
+    from slimtune.modules.quant.backbone import bnb_works, quantize_decoder
 
     if not bnb_works(torch.device("cpu")):
         pytest.skip("bitsandbytes 4-bit does not run here")

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from slimtune.errors import ConfigError
+from slimtune.core.errors import ConfigError
 from slimtune.methods import make_config
 from slimtune.methods.pema.layer import ExternalMemory, PEMAAdapter, build_memory, gu_lambda, mix_log_probs
 from slimtune.methods.pema.owner import Owner
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
 from slimtune.recipes.pema import pema_generate, train_pema
 
 STOP = 2

@@ -7,9 +7,9 @@ import torch
 import yaml
 from tests.conftest import expected_allocator, write_jsonl
 
-from slimtune import api
-from slimtune import config as C
 from slimtune.cli import main
+from slimtune.recipes import train as api
+from slimtune.training import config as C
 
 
 def run_cfg(model_dir, data, out, **train):
@@ -213,8 +213,8 @@ def test_periodic_eval_checkpointing_and_cli_eval_generate(tiny_model_dir, instr
 def test_missing_task_package_names_it(monkeypatch):
     import importlib.util
 
-    from slimtune.errors import UserError
-    from slimtune.tasks import TASKS
+    from slimtune.core.errors import UserError
+    from slimtune.data.tasks import TASKS
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -226,10 +226,10 @@ def test_missing_task_package_names_it(monkeypatch):
 
 def test_choice_pass_gives_the_same_eval_loss(tiny_model_dir, tiny_tok):
     """The eval loss taken from the choice-scoring pass equals the plain eval loss on the same rows."""
-    from slimtune import models
-    from slimtune.data import encode_records
-    from slimtune.evaluate import choice_predictions, eval_loss
+    from slimtune.data.records import encode_records
     from slimtune.methods import apply, make_config
+    from slimtune.models import loading as models
+    from slimtune.training.evaluate import choice_predictions, eval_loss
 
     model, tok = models.load(str(tiny_model_dir))
     adapted = apply(model, make_config("full"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from slimtune.cli import main
-from slimtune.families import family_config
 from slimtune.methods import make_config
+from slimtune.models.families import family_config
 from slimtune.plan.gpus import GiB, parse_budget
 from slimtune.plan.trace import trace_step
 
@@ -88,7 +88,7 @@ def test_stepping_inside_backward_is_planned_with_the_trainers_hooks():
 
 
 def test_bf16_halves_the_weights_and_a_7b_traces_without_memory():
-    from slimtune.bench.shapes import shape_config
+    from slimtune.models.shapes import shape_config
 
     t = trace_step(shape_config("llama2-7b", num_hidden_layers=2), make_config("lora"), 1, 64)
     # two layers of LLaMA-2-7B in bf16: embeddings + head 2 x 32000 x 4096, 2 x 202,383,360 layer weights

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimtune.bench.shapes import shape_config
 from slimtune.methods import make_config
+from slimtune.models.shapes import shape_config
 from slimtune.plan.report import agreement
 from slimtune.plan.trace import trace_step
 
@@ -68,7 +68,7 @@ ALLOCATOR_GAP = pytest.mark.xfail(
 
 
 MEASURED_BEFORE_ACTIVATIONS = set(MEASURED)
-"""Measured before the decoder layers kept fewer activations (slimtune/activations.py: the gated MLP's two-tensor
+"""Measured before the decoder layers kept fewer activations (slimtune/modules/activations.py: the gated MLP's two-tensor
 backward, checkpointed RMSNorms) and before the trainer's forwards stopped building a KV cache: re-traced with
 neither, as they were measured."""
 
@@ -78,10 +78,10 @@ neither, as they were measured."""
 def test_prediction_keeps_agreeing_with_the_measurement(name, meta, run, monkeypatch):
     if name in MEASURED_BEFORE_ACTIVATIONS:
         import slimtune.methods
-        import slimtune.train_setup
+        import slimtune.training.setup
 
         monkeypatch.setattr(slimtune.methods, "keep_fewer_activations", lambda model: 0)
-        monkeypatch.setattr(slimtune.train_setup, "_builds_a_cache", lambda model: False)
+        monkeypatch.setattr(slimtune.training.setup, "_builds_a_cache", lambda model: False)
     settings = {k: v for k, v in run["settings"].items() if k not in ("baseline", "lr")}
     method = run["method"]
     t = trace_step(

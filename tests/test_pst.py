@@ -7,7 +7,7 @@ import torch
 from tests.conftest import batch
 from torch import nn
 
-from slimtune.errors import ConfigError, UserError
+from slimtune.core.errors import ConfigError, UserError
 from slimtune.methods import apply, make_config
 from slimtune.methods.pst.apply import (
     context_positions,
@@ -17,7 +17,7 @@ from slimtune.methods.pst.apply import (
     sparsity_report,
 )
 from slimtune.methods.pst.layer import PSTLinear, n_pruned, nm_mask, topk_mask
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
 
 
 def make(**kw):

@@ -4,13 +4,13 @@ import pytest
 import torch
 from tests.conftest import batch
 
-from slimtune.bench.shapes import build_shape, shape_config
-from slimtune.errors import ConfigError
+from slimtune.core.errors import ConfigError
 from slimtune.methods import apply, make_config
 from slimtune.methods.qst import QSTConfig
 from slimtune.methods.qst.layer import SideNetwork
-from slimtune.models import tiny_llama
-from slimtune.quant.backbone import bnb_works, nf4_weight_bytes, quantize_decoder
+from slimtune.models.loading import tiny_llama
+from slimtune.models.shapes import build_shape, shape_config
+from slimtune.modules.quant.backbone import bnb_works, nf4_weight_bytes, quantize_decoder
 
 DOWNSAMPLES = ["adapter", "lora", "linear", "maxpool", "avgpool"]
 
@@ -28,9 +28,9 @@ def perturb_alpha(a, value=0.7):
 
 # 1. exactly the side parameters train, all get gradients, and the trainer's optimizer holds them all
 def test_trainable_set_and_gradients_and_optimizer():
-    from slimtune.config import TrainConfig
-    from slimtune.data import Encoded
-    from slimtune.trainer import Trainer
+    from slimtune.data.records import Encoded
+    from slimtune.training.config import TrainConfig
+    from slimtune.training.trainer import Trainer
 
     a = make()
     names = {n for n, _ in a.named_trainable_parameters()}

@@ -4,9 +4,9 @@ import pytest
 import torch
 from tests.conftest import batch
 
-from slimtune.errors import UserError
-from slimtune.families import FAMILIES, tiny_model
+from slimtune.core.errors import UserError
 from slimtune.methods import apply, make_config
+from slimtune.models.families import FAMILIES, tiny_model
 
 PRUNABLE = [f for f in FAMILIES if f not in ("phi3", "gpt_neox")]
 

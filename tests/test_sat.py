@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimtune import activations
-from slimtune.errors import ConfigError
+from slimtune.core.errors import ConfigError
 from slimtune.methods import apply, make_config
 from slimtune.methods.sat.apply import remove_sat, sat_modules
 from slimtune.methods.sat.config import OmissionSchedule
 from slimtune.methods.sat.layer import choose, n_kept
-from slimtune.models import tiny_llama
+from slimtune.models.loading import tiny_llama
+from slimtune.modules import activations
 
 
 def make(**kw):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimtune import config as C
 from slimtune.bench.run import plan_from_args
 from slimtune.cli import main
-from slimtune.errors import ConfigError, UserError
+from slimtune.core.errors import ConfigError, UserError
 from slimtune.methods import METHODS, TRAINER, WORKFLOW
+from slimtune.training import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -52,7 +52,7 @@ def test_registry_kinds():
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load fails the test: the refusal must come first."""
-    from slimtune import models
+    from slimtune.models import loading as models
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded")
@@ -103,7 +103,7 @@ def test_list_shows_which_methods_are_workflows(capsys):
 
 def test_apply_names_a_missing_package(monkeypatch):
     from slimtune.methods import apply, make_config
-    from slimtune.models import tiny_llama
+    from slimtune.models.loading import tiny_llama
 
     real = __import__("importlib.util").util.find_spec
     monkeypatch.setattr(

@@ -1,6 +1,6 @@
 import pytest
 
-from slimtune.tasks import TASKS, bleu, exact_or_contains, first_number_exact
+from slimtune.data.tasks import TASKS, bleu, exact_or_contains, first_number_exact
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -7,8 +7,8 @@ import json
 import pytest
 from tests.test_pipeline import run_cfg
 
-from slimtune import api
-from slimtune.config import ConfigError, from_dict
+from slimtune.recipes import train as api
+from slimtune.training.config import ConfigError, from_dict
 
 
 def _losses(run):

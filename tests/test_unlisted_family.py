@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from slimtune.cli import main
-from slimtune.families import FAMILIES, tiny_model
 from slimtune.methods import METHODS, TRAINER
+from slimtune.models.families import FAMILIES, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# before anything imports torch: its CPU allocator reads this setting once (slimtune/hostmem.py)
-from slimtune import hostmem as _hostmem  # noqa: I001
+# before anything imports torch: its CPU allocator reads this setting once (slimtune/core/hostmem.py)
+from slimtune.core import hostmem as _hostmem  # noqa: I001
 
 _hostmem.enable_huge_pages()
 
 _EXPORTS = {
-    "DataConfig": "slimtune.config",
-    "ModelConfig": "slimtune.config",
-    "RunConfig": "slimtune.config",
-    "TrainConfig": "slimtune.config",
-    "load_config": "slimtune.config",
+    "DataConfig": "slimtune.training.config",
+    "ModelConfig": "slimtune.training.config",
+    "RunConfig": "slimtune.training.config",
+    "TrainConfig": "slimtune.training.config",
+    "load_config": "slimtune.training.config",
     "METHODS": "slimtune.methods",
     "Adapted": "slimtune.methods",
     "MethodConfig": "slimtune.methods",
     "make_config": "slimtune.methods",
     "apply_method": ("slimtune.methods", "apply"),
-    "load_model": ("slimtune.models", "load"),
-    "tiny_llama": "slimtune.models",
-    "Trainer": "slimtune.trainer",
+    "load_model": ("slimtune.models.loading", "load"),
+    "tiny_llama": "slimtune.models.loading",
+    "Trainer": "slimtune.training.trainer",
 }
 """Imported on first use (PEP 562), so that ``import slimtune.cli`` does not import torch: the ``slimtune`` command
 may restart itself on another malloc before anything heavy has run (hostmem.use_allocator)."""

@@ -13,9 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from slimtune import hostmem
-from slimtune.errors import ConfigError, UserError
-from slimtune.faults import RunStopped
+from slimtune.core import hostmem
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.training.faults import RunStopped
 
 
 def _quiet() -> None:
@@ -33,9 +33,9 @@ def _quiet() -> None:
 
 
 def cmd_train(args) -> int:
-    from slimtune import api
-    from slimtune import config as C
     from slimtune.methods import require_trainer
+    from slimtune.recipes import train as api
+    from slimtune.training import config as C
 
     if args.resume:
         run = Path(args.resume)
@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from slimtune import config as C
+    from slimtune.training import config as C
 
     cfg = C.load_config(args.config, args.overrides)
     print(
@@ -67,12 +67,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from slimtune.data.tasks import TASKS
     from slimtune.methods import METHODS
-    from slimtune.models import ALIASES
-    from slimtune.tasks import TASKS
+    from slimtune.models.loading import ALIASES
 
     if args.matrix:
-        from slimtune.capabilities import load_matrix, render
+        from slimtune.capabilities.probes import load_matrix, render
 
         print(render(load_matrix()), end="")
         return 0
@@ -90,7 +90,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from slimtune import api
+    from slimtune.recipes import train as api
 
     res = api.evaluate_target(args.run, args.model, args.task, args.eval_size, args.samples)
     if args.json:
@@ -99,8 +99,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from slimtune import api
-    from slimtune.evaluate import generate
+    from slimtune.recipes import train as api
+    from slimtune.training.evaluate import generate
 
     _, p = api.load_target(args.run, args.model)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -111,11 +111,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from slimtune import api
+    from slimtune.recipes import train as api
 
     out = api.export(args.run, args.out, args.format, args.quant)
     if args.format == "gguf":
-        from slimtune.gguf_export import describe
+        from slimtune.models.gguf_export import describe
 
         facts = describe(out)
         print(
@@ -131,7 +131,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from slimtune.report import report
+    from slimtune.recipes.report import report
 
     path = report(args.runs, args.out)
     print(f"report: {path} (and the curves beside it as PNG)")
@@ -215,8 +215,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_pema(args) -> int:
-    from slimtune import config as C
     from slimtune.recipes import pema as workflow
+    from slimtune.training import config as C
 
     cfg = C.load_config(args.config, args.overrides)
     if args.step != "generate" and (args.split != "test" or args.out):
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. A rank of a torchrun / accelerate job ends here (:func:`end_job`)."""
-    from slimtune.engines import end_job
+    from slimtune.engines.support import end_job
 
     code = _command(argv)
     end_job(code)

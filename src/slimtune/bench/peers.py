@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from slimtune import hostmem
+from slimtune.core import hostmem
 
 PEERS: dict[str, tuple[str, ...]] = {"hf": ("full", "lora", "qlora")}
 """Peer name → the slimtune methods it has a counterpart for."""
@@ -45,7 +45,7 @@ def _load_4bit(spec: dict, dtype: torch.dtype):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from slimtune import models
+    from slimtune.models import loading as models
 
     path = models.model_path(spec["model"])
     if path.is_file():
@@ -63,8 +63,8 @@ def _load_4bit(spec: dict, dtype: torch.dtype):
 
 
 def _peer_model(spec: dict, method_cfg):
-    from slimtune import models
     from slimtune.bench.worker import load_for_bench
+    from slimtune.models import loading as models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = models.resolve_dtype(spec.get("dtype", "auto"), device)
@@ -147,8 +147,8 @@ def _train_hf(model, data: list[dict], spec: dict, cfg, times: list[float], loss
 
 def run_hf(spec: dict) -> dict:
     """One ``transformers.Trainer`` measurement; the result has the fields of slimtune's worker."""
-    from slimtune import memory
     from slimtune.bench.worker import bench_rows, host_peak_bytes, run_config, step_fields
+    from slimtune.core import memory
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

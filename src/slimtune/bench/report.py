@@ -50,7 +50,7 @@ def _run_rows(results: dict) -> list[str]:
 
 
 def _host_line(results: dict) -> list[str]:
-    """Which malloc and whether PyTorch's huge pages each run had (slimtune/hostmem.py): they move the CPU peak."""
+    """Which malloc and whether PyTorch's huge pages each run had (slimtune/core/hostmem.py): they move the CPU peak."""
     groups: dict[str, list[str]] = {}
     for r in results["runs"]:
         if r.get("ok") and "allocator" in r:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from slimtune import hostmem
 from slimtune.bench.worker import RUN_KEYS, TRAIN_KEYS
-from slimtune.config import TrainConfig, parse_overrides
-from slimtune.errors import ConfigError, UserError
-from slimtune.schema import build
+from slimtune.core import hostmem
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.core.schema import build
+from slimtune.training.config import TrainConfig, parse_overrides
 
 DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
 WORKERS = {False: "slimtune.bench.worker", True: "slimtune.bench.peers"}
@@ -67,7 +67,7 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
 
     raw: dict = {}
     if yaml_path:
-        from slimtune.config import read_yaml
+        from slimtune.training.config import read_yaml
 
         raw = read_yaml(yaml_path)
         unknown = set(raw) - set(BenchPlan.__dataclass_fields__)

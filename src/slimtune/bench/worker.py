@@ -1,7 +1,7 @@
 """One benchmark measurement, run in its own process: ``python -m slimtune.bench.worker SPEC.json OUT.json``.
 
 It loads the model, applies the method, and times ``warmup + steps`` optimizer steps of the same
-:class:`~slimtune.trainer.Trainer` step that `slimtune train` runs, on real text when a tokenizer is available.
+:class:`~slimtune.training.trainer.Trainer` step that `slimtune train` runs, on real text when a tokenizer is available.
 Peak host memory is measured for the training phase alone (Linux's VmHWM is reset after set-up).
 """
 
@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
-from slimtune import compiling, hostmem, memory
+from slimtune.core import hostmem, memory
+from slimtune.modules import compiling
 
 
 def reset_host_peak() -> bool:
@@ -41,7 +42,7 @@ def host_peak_bytes() -> int:
 
 def _text_rows(tok, n_rows: int, seq_len: int, seed: int) -> list[list[int]]:
     """``n_rows`` rows of exactly ``seq_len`` real tokens (sentiment reviews, packed)."""
-    from slimtune.tasks import get_task
+    from slimtune.data.tasks import get_task
 
     train, _ = get_task("sentiment").load(seed)
     flat: list[int] = []
@@ -60,12 +61,12 @@ def _random_rows(vocab: int, n_rows: int, seq_len: int, seed: int) -> list[list[
 
 def load_for_bench(spec: dict):
     """(model, tokenizer or None) for a spec naming ``model`` (alias/dir/gguf) or ``shape``."""
-    from slimtune import models
+    from slimtune.models import loading as models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = models.resolve_dtype(spec.get("dtype", "auto"), device)
     if spec.get("shape"):
-        from slimtune.bench.shapes import build_shape
+        from slimtune.models.shapes import build_shape
 
         return build_shape(spec["shape"], dtype=dtype, device=device, seed=spec.get("seed", 0)), None
     if spec.get("model") == "tiny":
@@ -79,7 +80,7 @@ def run_nf4_forward(spec: dict) -> dict:
     It bounds what a method that only runs the frozen 4-bit backbone forward (QST) can gain over QLoRA:
     ceiling = QLoRA step time / this time.
     """
-    from slimtune.quant.backbone import quantize_decoder
+    from slimtune.modules.quant.backbone import quantize_decoder
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -145,11 +146,11 @@ RUN_KEYS = ("baseline", "lr", *TRAIN_KEYS)
 
 
 def run_config(spec: dict):
-    """The :class:`~slimtune.config.RunConfig` of a measurement: what `slimtune train` would run, held at the
+    """The :class:`~slimtune.training.config.RunConfig` of a measurement: what `slimtune train` would run, held at the
     schedules' first rung, with a constant learning rate; clipping at 1.0 as `slimtune train` clips, except with
     ``optimizer_in_backward`` (which cannot clip)."""
-    from slimtune import config as C
     from slimtune.methods import make_config
+    from slimtune.training import config as C
 
     given = spec.get("settings", {})
     settings = {k: v for k, v in given.items() if k not in RUN_KEYS}
@@ -239,9 +240,9 @@ def _count_flops(trainer) -> int:
 
 def run(spec: dict) -> dict:
     """One measurement: ``api.prepare`` (as `slimtune train`), then the trainer's own steps, timed."""
-    from slimtune import api
-    from slimtune.data import Encoded
-    from slimtune.trainer import Trainer
+    from slimtune.data.records import Encoded
+    from slimtune.recipes import train as api
+    from slimtune.training.trainer import Trainer
 
     t0 = time.perf_counter()
     runtime = memory.runtime_rss_bytes(("peft", "transformers"))
@@ -289,7 +290,7 @@ def run(spec: dict) -> dict:
 
 def _loss_path(trainer) -> str:
     """Which loss the run trained with: the logit-free ``chunked`` one, or the ``model``'s own."""
-    from slimtune.losses import LogitFreeLoss
+    from slimtune.modules.losses import LogitFreeLoss
 
     return "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model"
 
@@ -323,7 +324,7 @@ def loss_term_bytes(adapted, model, batch: dict) -> dict[str, int] | None:
     tensor either way and is counted under gradients). None where the method forms its loss itself (QST)."""
     import torch.nn.functional as F
 
-    from slimtune.losses import IGNORE, LogitFreeLoss, linear_cross_entropy
+    from slimtune.modules.losses import IGNORE, LogitFreeLoss, linear_cross_entropy
     from slimtune.plan.trace import PlanTracker
 
     head = adapted.loss_head()
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None, fn=None) -> int:
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 reports (it gathered every rank's peak)
         out.write_text(json.dumps(result))
-    from slimtune.engines import end_job
+    from slimtune.engines.support import end_job
 
     code = 0 if result["ok"] else 1
     end_job(code)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimtune.activations import keep_fewer_activations
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 from slimtune.methods.base import TRAINER, WORKFLOW, Adapted, MethodConfig, MethodSpec
 from slimtune.methods.baselines import (
     FullConfig,
@@ -24,6 +23,7 @@ from slimtune.methods.pema import PEMAConfig
 from slimtune.methods.pst import PSTConfig, apply_pst
 from slimtune.methods.qst import QSTConfig, apply_qst
 from slimtune.methods.sat import SATConfig, apply_sat
+from slimtune.modules.activations import keep_fewer_activations
 
 METHODS: dict[str, MethodSpec] = {
     "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),

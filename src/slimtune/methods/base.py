@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from slimtune.errors import UserError
-from slimtune.files import read_json, read_tensors
-from slimtune.memory import TrafficCounter, module_bytes_by_role
-from slimtune.schema import Checked
+from slimtune.core.errors import UserError
+from slimtune.core.files import read_json, read_tensors
+from slimtune.core.memory import TrafficCounter, module_bytes_by_role
+from slimtune.core.schema import Checked
 
 STATE_FILE = "method_state.safetensors"
 CONFIG_FILE = "slimtune_config.json"
@@ -189,10 +189,10 @@ class Adapted:
 
     def loss_head(self) -> nn.Linear | None:
         """The output layer the trainer may apply itself with the logit-free loss
-        (:class:`~slimtune.losses.LogitFreeLoss`), or None where the model's own forward must produce the loss: a
+        (:class:`~slimtune.modules.losses.LogitFreeLoss`), or None where the model's own forward must produce the loss: a
         head that is not a plain ``nn.Linear`` (an adapted or quantized head), logit soft-capping (Gemma 2/3: not
         linear in the hidden state), or a method that reads the logits or forms its loss itself (overrides)."""
-        from slimtune.arch import logit_postprocessing
+        from slimtune.modules.arch import logit_postprocessing
 
         get = getattr(self.model, "get_output_embeddings", None)
         head = get() if callable(get) else None
@@ -290,7 +290,7 @@ def nonfinite(grad: torch.Tensor) -> torch.Tensor:
 def first_nonfinite_grad(named: Iterator[tuple[str, torch.Tensor]]) -> str | None:
     """The first name whose tensor's ``.grad`` holds a NaN or inf: each gradient's least and largest value (no
     overflow; 8× faster on CPU than the max-abs norm used before), one host read per device."""
-    from slimtune.sharding import (
+    from slimtune.engines.fsdp import (
         local,
     )  # under FSDP each rank checks its shard; the trainer combines the ranks
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 from slimtune.plan.gpus import GPU, parse_budget
 from slimtune.plan.report import PlanRow, row_from_trace
 from slimtune.plan.trace import trace_step
@@ -25,7 +25,7 @@ def model_config(model: str | None = None, shape: str | None = None, config: str
     if sum(x is not None for x in (model, shape, config)) != 1:
         raise UserError("plan: give exactly one of --model, --shape, --config")
     if shape:
-        from slimtune.bench.shapes import shape_config
+        from slimtune.models.shapes import shape_config
 
         return shape_config(shape)
     if config:
@@ -46,7 +46,7 @@ def model_config(model: str | None = None, shape: str | None = None, config: str
 def _config_of_model(model: str):
     from transformers import AutoConfig
 
-    from slimtune import models
+    from slimtune.models import loading as models
 
     if model in models.ALIASES:
         cached = models.cache_dir() / model
@@ -67,8 +67,8 @@ def _config_of_model(model: str):
 def method_runs(methods: str | None, overrides: list[str] | None) -> list[tuple[str, dict]]:
     """(name, settings) per method to plan: ``methods`` comma-separated (default: every trainer method),
     ``overrides`` as `bench` takes them (``lora.r=64``); all validated before any trace."""
-    from slimtune.config import parse_overrides
     from slimtune.methods import METHODS, TRAINER, require_trainer
+    from slimtune.training.config import parse_overrides
 
     names = [m.strip() for m in (methods or "").split(",") if m.strip()]
     names = names or [n for n, spec in METHODS.items() if spec.kind == TRAINER]
@@ -154,7 +154,7 @@ def plan(
             "backward has formed its gradient)"
         )
     if fsdp > 1:
-        from slimtune.engines import status
+        from slimtune.engines.support import status
 
         for name, _ in runs:
             ok, why = status(name, "fsdp")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 GiB = 2**30
 

@@ -1,7 +1,7 @@
 """Trace one real training step of an adapted model on fake tensors (shapes only, no storage).
 
 The model is built from its config under ``FakeTensorMode``, the method's own ``apply`` adapts it, and the same
-sequence the :class:`~slimtune.trainer.Trainer` runs (method callbacks, forward, backward, optimizer step) runs
+sequence the :class:`~slimtune.training.trainer.Trainer` runs (method callbacks, forward, backward, optimizer step) runs
 twice under PyTorch's ``MemTracker``, which files every tensor as a parameter, buffer, gradient, activation,
 temporary or optimizer state. The second step is the one that counts: the optimizer state exists by then, as in
 every step of a real run after the first. A 70B step traces on a laptop: nothing is allocated.
@@ -20,7 +20,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 aten = torch.ops.aten
 
@@ -203,7 +203,7 @@ def trace_step(
     parameter steps inside backward and its gradient is freed there (``train.optimizer_in_backward``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from slimtune.quant.nf4 import dynamic_map_8bit
+    from slimtune.modules.quant.nf4 import dynamic_map_8bit
 
     dynamic_map_8bit()  # a cached constant table, built from real values before a fake mode starts
     t0 = time.perf_counter()
@@ -252,7 +252,7 @@ def _adapted(config, method_cfg, dtype, grad_checkpointing, mesh):
     from transformers import AutoModelForCausalLM
 
     from slimtune.methods import apply
-    from slimtune.train_setup import enable_checkpointing
+    from slimtune.training.setup import enable_checkpointing
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -261,7 +261,7 @@ def _adapted(config, method_cfg, dtype, grad_checkpointing, mesh):
         enable_checkpointing(adapted)
     held = adapted.memory_report()
     if mesh is not None:  # the trainer's FSDP2 sharding; the optimizer then holds the shards
-        from slimtune import sharding
+        from slimtune.engines import fsdp as sharding
 
         sharding.shard(adapted.model, mesh=mesh)
         for p in adapted.model.parameters():  # this rank holds its shards of them
@@ -283,13 +283,13 @@ def _trace(
     fused_adamw=True,
     optimizer_in_backward=False,
 ) -> Trace:
-    from slimtune.optim import make_adamw
-    from slimtune.train_setup import loss_function
+    from slimtune.training.optim import make_adamw
+    from slimtune.training.setup import loss_function
 
     adapted, held = _adapted(config, method_cfg, dtype, grad_checkpointing, mesh)
     optimizer = make_adamw(adapted.param_groups(0.0), 1e-4, fused=fused_adamw and mesh is None)
     if optimizer_in_backward:
-        from slimtune.in_backward import StepInBackward
+        from slimtune.training.in_backward import StepInBackward
 
         StepInBackward(optimizer, list(adapted.named_trainable_parameters()), check_finite=False)
     ids = torch.randint(3, config.vocab_size, (batch, seq_len))

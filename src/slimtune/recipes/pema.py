@@ -1,5 +1,5 @@
 """PEMA's recipe: `slimtune pema build-memory | train | generate CONFIG.yaml`, the two-party workflow from one
-config (the other recipe is :func:`slimtune.api.train`). PEMA is a workflow, not a trainer method: it runs its
+config (the other recipe is :func:`slimtune.recipes.train.train`). PEMA is a workflow, not a trainer method: it runs its
 own two-stage Adam loop on the external memory (``method.lr``, ``method.seed``, ``method.epochs_*``); a config
 that sets ``train.*`` keys other than ``output_dir`` is refused when validated.
 
@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.errors import UserError
-from slimtune.memory import peak_rss_bytes, runtime_rss_bytes
+from slimtune.core.errors import UserError
+from slimtune.core.memory import peak_rss_bytes, runtime_rss_bytes
 from slimtune.methods.pema.config import PEMAConfig
 from slimtune.methods.pema.layer import (
     ExternalMemory,
@@ -169,11 +169,11 @@ def _need(path: Path, step: str) -> Path:
 
 def read_pairs(cfg) -> tuple[list[dict], list[dict]]:
     if cfg.data.task:
-        from slimtune.tasks import get_task
+        from slimtune.data.tasks import get_task
 
         train, test = get_task(cfg.data.task).load(cfg.data.seed)
     else:
-        from slimtune.data import read_records
+        from slimtune.data.records import read_records
 
         train = [r for _, r in read_records(cfg.data.path)]
         test = [r for _, r in read_records(cfg.data.eval_path)] if cfg.data.eval_path else []
@@ -187,7 +187,7 @@ def read_pairs(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def encode_pair(tok, rec: dict) -> tuple[list[int], list[int]]:
-    from slimtune.data import instruction_prompt
+    from slimtune.data.records import instruction_prompt
 
     prompt = instruction_prompt(tok, rec["instruction"], rec.get("input", ""))
     return (
@@ -224,7 +224,7 @@ def gu_horizons(pcfg: PEMAConfig, prompt_lens: list[int], source_lens: list[int]
 
 def build(cfg, log=print) -> dict:
     """Owner side (in this process, behind the ``Owner`` API): export the head, build train and dev memories."""
-    from slimtune.models import load
+    from slimtune.models.loading import load
 
     pcfg, root = _pema_cfg(cfg), _workdir(cfg)
     train, _ = read_pairs(cfg)
@@ -289,7 +289,7 @@ def generate(cfg, log=print, split: str = "test", out_dir: str | None = None) ->
     """Base greedy, PEMA with constant λ_max, PEMA with Gradual Unrolling, on the held-out pairs (``split``
     test) or on the data owner's dev pairs (``split`` dev: for choosing decoding settings without the test set).
     """
-    from slimtune.models import load
+    from slimtune.models.loading import load
 
     pcfg, root = _pema_cfg(cfg), _workdir(cfg)
     head = load_head(root)
@@ -339,7 +339,7 @@ def generate(cfg, log=print, split: str = "test", out_dir: str | None = None) ->
 
 def _score(cfg, preds: list[str], refs: list[str]) -> dict:
     if cfg.data.task:
-        from slimtune.tasks import get_task
+        from slimtune.data.tasks import get_task
 
         return get_task(cfg.data.task).score(preds, refs)
     import sacrebleu

@@ -13,7 +13,7 @@ from torch import nn
 from slimtune.methods.base import CONFIG_FILE, Adapted
 from slimtune.methods.baselines.config import FullConfig, LoraMethodConfig, QLoraMethodConfig
 from slimtune.methods.baselines.fused import fuse_lora_forwards
-from slimtune.quant.backbone import dequantized_weight, is_4bit, quantize_decoder
+from slimtune.modules.quant.backbone import dequantized_weight, is_4bit, quantize_decoder
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def apply_qlora(model: nn.Module, cfg: QLoraMethodConfig) -> QLoraAdapted:
     if backend == "torch":
         from peft.tuners.lora.layer import Linear as LoraLinear
 
-        from slimtune.quant.nf4 import NF4Linear
+        from slimtune.modules.quant.nf4 import NF4Linear
 
         peft_model = peft_lora(model, cfg, custom={NF4Linear: LoraLinear}, fused=True)
     else:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.arch import layer_mlps
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted, first_nonfinite_grad
 from slimtune.methods.meft.config import MEFTConfig
 from slimtune.methods.meft.layer import MEFTLayer, MEFTRun
 from slimtune.methods.meft.store import LayerStore
+from slimtune.modules.arch import layer_mlps
 
 
 class MEFTAdapted(Adapted):

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.losses import IGNORE, frozen_head_rows_cross_entropy
 from slimtune.methods.pema.config import PEMAConfig
 from slimtune.methods.pema.owner import HeadBundle, Owner
+from slimtune.modules.losses import IGNORE, frozen_head_rows_cross_entropy
 
 
 @dataclass

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.arch import cache_keyword, decoder_layers, final_norm, logit_postprocessing
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
+from slimtune.modules.arch import cache_keyword, decoder_layers, final_norm, logit_postprocessing
 
 NORM_KINDS = ("rms", "rms_offset", "layer")
 """rms: w · x / rms(x) (Llama, Qwen, OLMo 2 ...); rms_offset: (1 + w) · x / rms(x) (Gemma); layer: LayerNorm."""

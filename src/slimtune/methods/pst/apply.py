@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.errors import UserError
-from slimtune.losses import IGNORE
+from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.pst.config import PSTConfig
 from slimtune.methods.pst.layer import PSTLinear
+from slimtune.modules.losses import IGNORE
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.arch import head_mismatch
-from slimtune.errors import ConfigError, UserError
+from slimtune.core.errors import ConfigError, UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.qst.config import QSTConfig
 from slimtune.methods.qst.layer import QSTModel, check_shape, side_config
 from slimtune.methods.qst.prune import pruned_side_state, unsupported
-from slimtune.quant.backbone import quantize_decoder
+from slimtune.modules.arch import head_mismatch
+from slimtune.modules.quant.backbone import quantize_decoder
 
 
 class QSTAdapted(Adapted):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from slimtune.core.schema import Problem, choice, positive
 from slimtune.methods.base import MethodConfig
-from slimtune.schema import Problem, choice, positive
 
 DOWNSAMPLES = ("adapter", "lora", "linear", "maxpool", "avgpool")
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from slimtune.arch import cache_keyword, decoder_layers, head_logits, logit_postprocessing
-from slimtune.losses import IGNORE, frozen_head_cross_entropy
 from slimtune.methods.qst.config import QSTConfig
+from slimtune.modules.arch import cache_keyword, decoder_layers, head_logits, logit_postprocessing
+from slimtune.modules.losses import IGNORE, frozen_head_cross_entropy
 
 
 class Downsample(nn.Module):

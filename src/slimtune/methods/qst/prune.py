@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.arch import decoder_layers, final_norm
+from slimtune.modules.arch import decoder_layers, final_norm
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

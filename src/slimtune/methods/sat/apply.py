@@ -13,9 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from slimtune.arch import decoder_layers, is_attention, is_gated_mlp
-from slimtune.errors import UserError
-from slimtune.losses import IGNORE
+from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.sat.config import OmissionSchedule, SATConfig, from_config
 from slimtune.methods.sat.layer import (
@@ -35,6 +33,8 @@ from slimtune.methods.sat.layer import (
     omitted_slices,
     sliced_linear,
 )
+from slimtune.modules.arch import decoder_layers, is_attention, is_gated_mlp
+from slimtune.modules.losses import IGNORE
 
 KINDS = {"mlp": 0, "attn": 1}
 
@@ -131,7 +131,7 @@ def _mean_over_ranks(scores: torch.Tensor) -> torch.Tensor:
     a single process would keep for the whole global batch) and DDP's averaged gradients stay consistent."""
     import torch.distributed as dist
 
-    from slimtune.engines import world_size
+    from slimtune.engines.support import world_size
 
     world = world_size()
     if world == 1:

@@ -13,8 +13,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from slimtune.core.schema import Problem, choice, positive
 from slimtune.methods.base import MethodConfig
-from slimtune.schema import Problem, choice, positive
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
 SELECTIONS = ("topk", "sampling")

@@ -55,7 +55,7 @@ def _linear_children(model: nn.Module, skip: set[int]) -> list[tuple[nn.Module, 
 
 def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
     """Replace every decoder ``nn.Linear`` (not the LM head) by a frozen NF4 layer; returns the backend used."""
-    from slimtune.quant.nf4 import NF4Linear
+    from slimtune.modules.quant.nf4 import NF4Linear
 
     device = next(model.parameters()).device
     if backend == "auto":
@@ -94,7 +94,7 @@ def quantize_decoder(model: nn.Module, backend: str, double_quant: bool) -> str:
 
 
 def is_4bit(module: nn.Module) -> bool:
-    from slimtune.quant.nf4 import NF4Linear
+    from slimtune.modules.quant.nf4 import NF4Linear
 
     return isinstance(module, NF4Linear) or type(module).__name__ == "Linear4bit"
 

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import torch
 
-from slimtune import config as C
-from slimtune import hostmem, memory, models
-from slimtune.data import load_split
-from slimtune.engines import require_supported
-from slimtune.errors import UserError
-from slimtune.evaluate import EvalResult
-from slimtune.files import read_json, save_atomic, write_atomic
+from slimtune.core import hostmem, memory
+from slimtune.core.errors import UserError
+from slimtune.core.files import read_json, save_atomic, write_atomic
+from slimtune.data.records import load_split
+from slimtune.data.tasks import get_task
+from slimtune.engines.support import require_supported
 from slimtune.methods import apply as apply_method
 from slimtune.methods import make_config, require_trainer
 from slimtune.methods.base import Adapted
-from slimtune.tasks import get_task
-from slimtune.trainer import Trainer
+from slimtune.models import loading as models
+from slimtune.training import config as C
+from slimtune.training.evaluate import EvalResult
+from slimtune.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 FINAL = "final"
@@ -254,7 +255,7 @@ def evaluate_target(
 ) -> EvalResult:
     """`slimtune eval`: a run on its own held-out data (or ``task``), or a bare model on ``task``; prints the
     result and ``samples`` generations. ``eval_size`` overrides how many held-out examples are scored."""
-    from slimtune.evaluate import evaluate
+    from slimtune.training.evaluate import evaluate
 
     if eval_size is not None and eval_size < 1:
         raise UserError(f"--eval-size: {eval_size} must be a positive number of examples")
@@ -281,7 +282,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, fmt: str = "hf", 
     import shutil
     import tempfile
 
-    from slimtune import gguf_export
+    from slimtune.models import gguf_export
 
     run_dir = Path(run_dir)
     if fmt not in ("hf", "gguf"):

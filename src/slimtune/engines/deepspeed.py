@@ -33,7 +33,7 @@ matrix)."""
 def ds_config(batch_size: int, grad_accum: int, max_grad_norm: float | None, stage: int, mixed: str) -> dict:
     """The DeepSpeed config of one slimtune job (every value explicit: no ``auto`` for accelerate to fill), with
     ``$SLIMTUNE_DEEPSPEED_CONFIG`` merged over it."""
-    from slimtune.errors import UserError
+    from slimtune.core.errors import UserError
 
     config = {
         "train_micro_batch_size_per_gpu": batch_size,

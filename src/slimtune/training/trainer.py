@@ -16,19 +16,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slimtune import compiling, in_backward, memory, sharding, zero
-from slimtune.checkpoint import load_checkpoint, save_checkpoint
-from slimtune.config import TrainConfig
-from slimtune.data import BatchStream, Encoded
-from slimtune.engines import require_supported, zero_stage
-from slimtune.errors import UserError
-from slimtune.evaluate import EvalResult, evaluate
-from slimtune.faults import EXIT_NONFINITE, RunStopped, StopSignals
+from slimtune.core import memory
+from slimtune.core.errors import UserError
+from slimtune.data.records import BatchStream, Encoded
+from slimtune.data.tasks import Task
+from slimtune.engines import deepspeed as zero
+from slimtune.engines import fsdp as sharding
+from slimtune.engines.support import require_supported, zero_stage
 from slimtune.methods.base import Adapted
-from slimtune.optim import make_adamw, make_scheduler
-from slimtune.tasks import Task
-from slimtune.trackers import RunLog
-from slimtune.train_setup import apply_memory_settings, check_trainable, loss_function, make_accelerator
+from slimtune.modules import compiling
+from slimtune.training import in_backward
+from slimtune.training.checkpoint import load_checkpoint, save_checkpoint
+from slimtune.training.config import TrainConfig
+from slimtune.training.evaluate import EvalResult, evaluate
+from slimtune.training.faults import EXIT_NONFINITE, RunStopped, StopSignals
+from slimtune.training.optim import make_adamw, make_scheduler
+from slimtune.training.setup import apply_memory_settings, check_trainable, loss_function, make_accelerator
+from slimtune.training.trackers import RunLog
 
 log = logging.getLogger(__name__)
 MAX_SKIPS_IN_ROW = 10  # train.on_nonfinite: skip stops a run that only produces non-finite steps

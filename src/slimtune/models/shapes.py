@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 # LlamaConfig keyword arguments of public model cards (dimensions only).
 SHAPES: dict[str, dict] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.config import TrainConfig
+from slimtune.training.config import TrainConfig
 
 
 def make_adamw(groups: list[dict], lr: float, fused: bool = True) -> torch.optim.AdamW:

@@ -135,12 +135,12 @@ def allocator_env(
     """The environment a slimtune process should start with to run on TCMalloc / jemalloc (``LD_PRELOAD`` and
     :data:`PRELOADED_ENV` set), or None when nothing is to change: ``SLIMTUNE_ALLOCATOR=system``, off Linux, a malloc
     already preloaded (the user's, or this one after the restart), or none installed under ``auto``. An explicit
-    choice that is not installed raises :class:`~slimtune.errors.UserError`."""
+    choice that is not installed raises :class:`~slimtune.core.errors.UserError`."""
     environ = os.environ if environ is None else environ
     platform = sys.platform if platform is None else platform
     choice = environ.get(ALLOCATOR_ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
-        from slimtune.errors import UserError
+        from slimtune.core.errors import UserError
 
         raise UserError(f"{ALLOCATOR_ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
     preload = environ.get("LD_PRELOAD", "")
@@ -156,7 +156,7 @@ def allocator_env(
             return env
     if choice == "auto":
         return None
-    from slimtune.errors import UserError
+    from slimtune.core.errors import UserError
 
     raise UserError(
         f"{ALLOCATOR_ENV}={choice}: none of {', '.join(ALLOCATORS[choice])} in {', '.join(map(str, dirs))} "

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import torch
 
-from slimtune.config import TrainConfig
-from slimtune.errors import UserError
-from slimtune.losses import LogitFreeLoss
+from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted
+from slimtune.modules.losses import LogitFreeLoss
+from slimtune.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Run configuration: YAML -> nested dataclasses, dotted ``key=value`` overrides, all problems reported at once.
 
-The sections (model, data, train) are :class:`~slimtune.schema.Checked` dataclasses; ``method`` is the config
+The sections (model, data, train) are :class:`~slimtune.core.schema.Checked` dataclasses; ``method`` is the config
 class the method registry names. :func:`from_dict` collects the problems of every section before raising one
-:class:`~slimtune.errors.ConfigError`.
+:class:`~slimtune.core.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from slimtune.errors import ConfigError, UserError
-from slimtune.schema import Checked, Problem, build, choice, positive
+from slimtune.core.errors import ConfigError, UserError
+from slimtune.core.schema import Checked, Problem, build, choice, positive
 
 
 @dataclass
@@ -64,7 +64,7 @@ class DataConfig(Checked):
             if value is not None and not Path(value).exists():
                 out.append((key, f"'{value}': no such file or directory" + _hub_hint(value)))
         if self.task is not None:
-            from slimtune.tasks import TASKS
+            from slimtune.data.tasks import TASKS
 
             if self.task not in TASKS:
                 out.append(("task", f"{self.task!r} is not one of {', '.join(sorted(TASKS))}"))
@@ -184,7 +184,7 @@ class TrainConfig(Checked):
                 ("report_to", f"{self.report_to!r} must be a list of names, e.g. [tensorboard, jsonl]")
             )
         else:
-            from slimtune.trackers import check
+            from slimtune.training.trackers import check
 
             out += check(self.report_to)
         out += choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
@@ -259,7 +259,7 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    from slimtune.files import read_text
+    from slimtune.core.files import read_text
 
     path = Path(path)
     text = read_text(path, "config file ")
@@ -333,6 +333,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from slimtune.files import write_atomic
+    from slimtune.core.files import write_atomic
 
     write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slimtune.errors import UserError
-from slimtune.files import read_json, write_atomic
+from slimtune.core.errors import UserError
+from slimtune.core.files import read_json, write_atomic
 
 # (file stem, title, y label, the train.jsonl key, scale)
 PLOTS = (

@@ -2,7 +2,7 @@
 
 Every config dataclass lists its fields with a docstring line each and a ``check()`` that returns
 ``(field, message)`` pairs; :func:`build` turns a plain dict into the dataclass, collecting unknown keys, wrong
-types and bad values before the caller raises one :class:`~slimtune.errors.ConfigError`.
+types and bad values before the caller raises one :class:`~slimtune.core.errors.ConfigError`.
 
 This module imports nothing of slimtune's but its errors, so method configs can use it without importing the run
 config (which imports the method registry).
@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Union
 
-from slimtune.errors import ConfigError
+from slimtune.core.errors import ConfigError
 
 Problem = tuple[str, str]  # (field name, message)
 

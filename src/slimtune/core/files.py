@@ -1,6 +1,6 @@
 """Files slimtune reads back (checkpoints, saved method state, run directories) and writes durably.
 
-Reading: a missing, truncated or damaged file is one :class:`~slimtune.errors.UserError` naming it, never a
+Reading: a missing, truncated or damaged file is one :class:`~slimtune.core.errors.UserError` naming it, never a
 traceback from safetensors or json. Tensors come only from safetensors (no pickle from user files).
 Writing: ``fsync`` of files and directories, so a rename that publishes a checkpoint follows its contents.
 """
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported by the callers; reading JSON or YAML does not need it
     import torch

@@ -23,7 +23,7 @@ import types
 import torch
 from torch import nn
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 _COMPILED: dict[type, object] = {}
 """The compiled forward of each layer class, shared by every instance (one Dynamo cache entry per graph)."""
@@ -74,7 +74,7 @@ def check_toolchain(device: torch.device) -> None:
 
 def compile_layers(model: nn.Module, method: str) -> int:
     """Give every decoder layer of ``model`` the compiled training forward; returns how many layers got it."""
-    from slimtune.arch import decoder_layers
+    from slimtune.modules.arch import decoder_layers
 
     try:
         layers = decoder_layers(model)

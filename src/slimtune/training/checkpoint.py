@@ -25,8 +25,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from slimtune.errors import UserError
-from slimtune.files import error_text, fsync_dir, fsync_file, read_json, read_tensors, sha256, write_durable
+from slimtune.core.errors import UserError
+from slimtune.core.files import (
+    error_text,
+    fsync_dir,
+    fsync_file,
+    read_json,
+    read_tensors,
+    sha256,
+    write_durable,
+)
 from slimtune.methods.base import Adapted
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 QUANTS = ("f16", "bf16", "q8_0", "f32")
 """Output types: the converter writes them directly and transformers reads them back (dequantizing)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 Record = dict[str, str]
 

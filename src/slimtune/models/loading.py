@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _load_dir(path: Path, name: str, dtype: torch.dtype):
     """An HF model directory: config and tokenizer checked first, so a damaged one is one line naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimtune.files import error_text, read_json
+    from slimtune.core.files import error_text, read_json
 
     if not (path / "config.json").is_file():
         raise UserError(f"model.name '{name}': directory has no config.json (not an HF model)")
@@ -204,7 +204,7 @@ def _cached_alias(name: str) -> Path:
     (torchrun, accelerate) one process per machine converts while the others wait, then all read it."""
     import torch.distributed as dist
 
-    from slimtune.engines import world_size
+    from slimtune.engines.support import world_size
 
     target = cache_dir() / name
     if _complete(target):

@@ -137,7 +137,7 @@ def _computes_the_same(mlp: nn.Module) -> bool:
 
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Give every SiLU-gated decoder MLP of ``model`` the two-tensor backward; returns how many got it."""
-    from slimtune.arch import layer_mlps
+    from slimtune.modules.arch import layer_mlps
 
     mlps = [m for m in layer_mlps(model) if _is_silu_gated(m)]
     checked: dict[type, bool] = {}
@@ -176,7 +176,7 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 def checkpoint_norms(model: nn.Module) -> int:
     """Run every RMSNorm inside the decoder layers under activation checkpointing; returns how many."""
-    from slimtune.arch import decoder_layers
+    from slimtune.modules.arch import decoder_layers
 
     try:
         layers = decoder_layers(model)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from slimtune.errors import UserError
-from slimtune.losses import IGNORE
+from slimtune.core.errors import UserError
+from slimtune.modules.losses import IGNORE
 
 log = logging.getLogger(__name__)
 FORMAT_FIELDS = {
@@ -369,7 +369,7 @@ class BatchStream:
 
 def load_split(cfg: Any, tok) -> tuple[Encoded, Encoded, list[dict], str]:
     """Tokenized (train, eval), the raw eval records (for metrics) and the format, from a DataConfig."""
-    from slimtune.tasks import get_task
+    from slimtune.data.tasks import get_task
 
     if cfg.task:
         train_raw, eval_raw = get_task(cfg.task).load(cfg.seed)

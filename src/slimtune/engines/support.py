@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from slimtune.errors import UserError
+from slimtune.core.errors import UserError
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 TRAINER_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst", "meft")

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slimtune.data import IGNORE, Encoded, collate, instruction_prompt
+from slimtune.data.records import IGNORE, Encoded, collate, instruction_prompt
+from slimtune.data.tasks import Task
 from slimtune.methods.base import Adapted
-from slimtune.tasks import Task
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""4-bit NF4 weights: bitsandbytes on CUDA, the same codes in pure torch elsewhere; the quantized backbone."""
