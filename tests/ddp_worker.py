@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from slimtune.capabilities.probes import SETTINGS, adapt, batch, trainer_for
-from slimtune.engines.support import end_job
+from slimtune.core.processes import end_job
 
 
 def _trainer(method: str, steps: int, engine: str, run_dir: Path, resume: bool = False):
@@ -46,7 +46,7 @@ def main(method: str, steps: int, out: Path, engine: str = "ddp", save_at: int =
     run_dir = out / "run"
     if save_at < 0:  # resume what OUT_DIR/run holds (written by another run) to the end
         adapted, trainer = _trainer(method, steps, engine, run_dir, resume=True)
-        trainer._resume()
+        trainer.restore()
         losses = [trainer.train_step()[0] for _ in range(steps - trainer.step)]
         save_at = 0
     else:
@@ -56,14 +56,14 @@ def main(method: str, steps: int, out: Path, engine: str = "ddp", save_at: int =
         trainer.save_checkpoint()
     if 0 < save_at < steps:  # (save_at == steps: only the checkpoint, for another run to resume)
         adapted, trainer = _trainer(method, steps, engine, run_dir, resume=True)
-        trainer._resume()
+        trainer.restore()
         assert trainer.step == save_at, trainer.step
         losses += [trainer.train_step()[0] for _ in range(steps - save_at)]
     with trainer.whole_model():
         state = {k: v.detach().float().contiguous().cpu() for k, v in adapted.state_dict().items()}
     if trainer.acc.is_main_process:
         save_file(state, str(out / "state.safetensors"))
-        rec = {"losses": losses, "world": trainer.acc.num_processes, "sharded": trainer.sharded}
+        rec = {"losses": losses, "world": trainer.acc.num_processes, "sharded": trainer.engine.name == "fsdp"}
         (out / "losses.json").write_text(json.dumps(rec))
     end_job(0)
 

@@ -325,9 +325,10 @@ def test_under_fp16_loss_scaling_gradient_overflow_is_left_to_the_scaler(monkeyp
     """An inf gradient under a GradScaler is its cue to lower the scale (it skips that step itself); counting it
     as a fault would stop every fp16 run after ten overflows. A non-finite loss still counts."""
     t = _trainer("lora")
-    t._micro_step(next(t.stream), last=True)
+    t.micro_step(next(t.stream), last=True)
     p = next(p for _, p in t.adapted.named_trainable_parameters() if p.grad is not None)
     p.grad.view(-1)[0] = float("inf")
-    assert t._nonfinite([1.0]).startswith("gradient of ")
+    assert t.nonfinite.find(t.adapted, [1.0]).startswith("gradient of ")
     monkeypatch.setattr(t.acc, "scaler", object(), raising=False)
-    assert t._nonfinite([1.0]) is None and t._nonfinite([float("nan")]) == "loss nan"
+    assert t.nonfinite.find(t.adapted, [1.0]) is None
+    assert t.nonfinite.find(t.adapted, [float("nan")]) == "loss nan"

@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. A rank of a torchrun / accelerate job ends here (:func:`end_job`)."""
-    from slimtune.engines.support import end_job
+    from slimtune.core.processes import end_job
 
     code = _command(argv)
     end_job(code)

@@ -299,7 +299,7 @@ def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, set
     """A run under several processes: the peaks of every rank (the largest is the run's), tokens/s of all ranks
     together. The FLOP count, the loss term and the plan are single-process measurements and are left out."""
     out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
-    per_rank = trainer._per_rank(out["peak_bytes"])
+    per_rank = trainer.engine.per_rank(out["peak_bytes"])
     n = trainer.acc.num_processes
     return {
         **out,
@@ -310,7 +310,7 @@ def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, set
         "peak_bytes_per_rank": per_rank,
         "tokens_per_s": out["tokens_per_s"] * n,
         "processes": n,
-        "engine": trainer.engine,
+        "engine": trainer.engine.name,
         "loss_path": _loss_path(trainer),
         "plan": {},
     }
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None, fn=None) -> int:
         result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 reports (it gathered every rank's peak)
         out.write_text(json.dumps(result))
-    from slimtune.engines.support import end_job
+    from slimtune.core.processes import end_job
 
     code = 0 if result["ok"] else 1
     end_job(code)

@@ -379,8 +379,7 @@ def _resume(method: str) -> None:
     crashed.train_step()
     crashed.save_checkpoint()
     c = adapt(method, "llama")
-    resumed = trainer_for(c, 4, lr, data, batch_size=2)
-    resumed.run_dir = crashed.run_dir
+    resumed = trainer_for(c, 4, lr, data, run_dir=crashed.run_dir, resume=True, batch_size=2)
     resumed.train(resume=True)
     _check(resumed.step == 4, f"resumed run ended at step {resumed.step}")
     _check(

@@ -25,6 +25,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from slimtune.engines.base import Engine
+
 CONFIG_ENV = "SLIMTUNE_DEEPSPEED_CONFIG"
 """JSON merged over the config slimtune builds (DeepSpeed settings slimtune has no key for; not in the tested
 matrix)."""
@@ -137,3 +139,48 @@ def _step(zero_optimizer) -> torch.Tensor:
         if "step" in s:
             return torch.as_tensor(s["step"], dtype=torch.float32).detach().cpu()
     return torch.tensor(0.0)
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO-2/3 (:func:`wrap`): DeepSpeed divides each micro-batch's loss by ``grad_accum``, reduces at the last
+    one, clips and steps AdamW itself; a step cannot be skipped (ZeRO holds its reduced gradients until it
+    steps), and under ZeRO-3 the head's weight is whole only inside the model's forward."""
+
+    fused_adamw = False
+    skip_refusal = "under deepspeed a step is not skipped: ZeRO holds its reduced gradients until it steps"
+
+    def __init__(self, acc, grad_accum: int, max_grad_norm: float | None, stage: int, batch_size: int):
+        super().__init__(acc, grad_accum, max_grad_norm)
+        self.stage, self.batch_size = stage, batch_size
+        self.name = f"deepspeed ZeRO-{stage}"
+        self.loss_outside_forward = stage < 3
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        return model  # (deepspeed.initialize places it with its optimizer)
+
+    def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        # the order of AdamW's tensors and its settings, to save its state as one process would
+        self.groups = [list(g["params"]) for g in optimizer.param_groups]
+        self.hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        config = ds_config(
+            self.batch_size, self.grad_accum, self.max_grad_norm, self.stage, self.acc.mixed_precision
+        )
+        return wrap(model, optimizer, config)
+
+    def accumulating(self, model: nn.Module, last: bool):
+        model.set_gradient_accumulation_boundary(last)
+        return super().accumulating(model, last)
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        model.backward(loss)
+
+    def step(self, model: nn.Module, optimizer, params: list[nn.Parameter]) -> float | None:
+        model.step()  # clipping, AdamW and zeroing the gradients, in the engine
+        norm = model.get_global_grad_norm() if self.max_grad_norm is not None else None
+        return None if norm is None else float(norm)
+
+    def whole_model(self, model: nn.Module):
+        return full_parameters(model, self.stage)
+
+    def optimizer_state(self, optimizer) -> dict:
+        return full_optimizer_state(self.groups, self.hyper, optimizer)

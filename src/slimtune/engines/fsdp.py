@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from slimtune.engines.base import Engine
+
 
 def _dtensor():
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -135,3 +137,34 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[p][k] = distribute_tensor(  # every rank holds the whole: no messages
                         v.to(p.device), p.device_mesh, p.placements, src_data_rank=None
                     )
+
+
+class FSDPEngine(Engine):
+    """FSDP2 over the job's ranks: one unit per decoder layer (:func:`shard`); gradients reduce-scattered after
+    the last micro-batch; AdamW over the shards (not fused); the method's state gathered whole to save."""
+
+    name = "fsdp"
+    fused_adamw = False
+
+    def place_model(self, model: nn.Module) -> nn.Module:
+        return shard(model, self.acc.mixed_precision)  # (each rank's shards move to its device)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        shard_optimizer_state(optimizer)
+
+    def prepare_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        return model, optimizer  # (accelerate's wrapper knows only models it prepared itself)
+
+    def accumulating(self, model: nn.Module, last: bool):
+        model.set_requires_gradient_sync(last)
+        return super().accumulating(model, last)
+
+    def clip(self, params: list[nn.Parameter]) -> float:
+        # torch's clip takes sharded gradients (accelerate's knows only prepared models)
+        return float(whole(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)))
+
+    def whole_model(self, model: nn.Module):
+        return full_parameters(model)
+
+    def optimizer_state(self, optimizer) -> dict:
+        return full_optimizer_state(optimizer)

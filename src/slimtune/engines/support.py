@@ -10,10 +10,10 @@ docs/distributed.md shows :func:`render`'s table; a test fails when the two disa
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 
 from slimtune.core.errors import UserError
+from slimtune.engines.base import Engine
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 TRAINER_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst", "meft")
@@ -118,34 +118,28 @@ def zero_stage(configured: int, env: Mapping[str, str] | None = None) -> int:
     return int(stage)
 
 
-def world_size(group=None) -> int:
-    """Processes in ``group`` (the default group) of an initialised torch.distributed job; 1 otherwise."""
-    import torch.distributed as dist
+def make_engine(acc, method: str, cfg, resume: bool = False) -> Engine:
+    """The :class:`Engine` this job runs under (:func:`require_supported` for ``method`` first); ``cfg``: the run's
+    :class:`~slimtune.training.config.TrainConfig`. One process is the single engine whatever was configured."""
+    engine = require_supported(method, configured=cfg.engine, mixed_precision=acc.mixed_precision)
+    if acc.num_processes == 1 or engine in ("single", "ddp"):
+        from slimtune.engines.ddp import DDPEngine
 
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        return DDPEngine(acc, cfg.grad_accum, cfg.max_grad_norm)
+    if engine == "fsdp":
+        from slimtune.engines.fsdp import FSDPEngine
 
+        return FSDPEngine(acc, cfg.grad_accum, cfg.max_grad_norm)
+    if resume:
+        raise UserError(
+            "--resume under deepspeed: not built (DeepSpeed builds AdamW's state from the tensors it "
+            "partitions); the checkpoint is the single-process format: resume it under train.engine=ddp or "
+            "fsdp, or in one process"
+        )
+    from slimtune.engines.deepspeed import DeepSpeedEngine
 
-def end_job(code: int) -> None:
-    """End a rank of a torch.distributed job with ``code`` now, without the interpreter's teardown (a no-op
-    outside such a job).
-
-    A rank's teardown frees the process group while gloo's worker threads may still hold the last reference to a
-    finished collective's tensors; freeing those needs the GIL the tearing-down thread holds. Measured here on
-    two CPU ranks: left to interpreter exit, a finished rank sometimes aborts (SIGABRT, ``terminate called
-    without an active exception``); with ``destroy_process_group()`` before exit, 4 of 32 DDP runs hung in the
-    group's destructor. Every collective of a rank that gets here has completed, and its files are written and
-    closed: only the output streams and logging are flushed before ``os._exit``."""
-    if "torch" not in sys.modules:  # nothing imported torch: no process group exists
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    stage = zero_stage(cfg.zero_stage)
+    return DeepSpeedEngine(acc, cfg.grad_accum, cfg.max_grad_norm, stage, cfg.batch_size)
 
 
 def render() -> str:

@@ -204,7 +204,7 @@ def _cached_alias(name: str) -> Path:
     (torchrun, accelerate) one process per machine converts while the others wait, then all read it."""
     import torch.distributed as dist
 
-    from slimtune.engines.support import world_size
+    from slimtune.core.processes import world_size
 
     target = cache_dir() / name
     if _complete(target):

@@ -206,7 +206,7 @@ def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: P
         "total_wall_s": time.perf_counter() - facts["t0"],
         "tokens": result.tokens,
         "processes": trainer.acc.num_processes,
-        "engine": trainer.engine,
+        "engine": trainer.engine.name,
         "peak_bytes": result.peak_bytes,
         "peak_bytes_per_rank": result.peak_bytes_per_rank,
         "runtime_rss_bytes": facts["runtime_rss_bytes"],

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -214,12 +215,38 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return found
 
 
-def load_checkpoint(
-    run_dir: Path, adapted: Adapted, optimizer, scheduler, identity: dict | None = None
-) -> dict | None:
-    """Restore the newest good checkpoint into ``adapted``, ``optimizer``, ``scheduler`` and the RNGs; return
-    the trainer state (``step``, ``data``, counters), or None where the run has no complete checkpoint yet
-    (killed before its first). Refused with one line where ``identity`` differs."""
+@dataclass
+class Loaded:
+    """A checkpoint read by :func:`read_checkpoint`: the trainer state, the optimizer's and scheduler's states
+    (applied by :meth:`into`, once the optimizer exists over the placed model) and the RNG states it set."""
+
+    ckpt: Path
+    state: dict
+    optimizer: dict
+    scheduler: dict
+    rng: tuple
+
+    def into(self, optimizer, scheduler) -> None:
+        try:
+            optimizer.load_state_dict(self.optimizer)
+            scheduler.load_state_dict(self.scheduler)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise UserError(
+                f"checkpoint '{self.ckpt}': optimizer state does not fit this run ({error_text(err)})"
+            ) from None
+
+    def set_rng(self) -> None:
+        cpu, cuda, py = self.rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+
+
+def read_checkpoint(run_dir: Path, adapted: Adapted, identity: dict | None = None) -> Loaded | None:
+    """Read the newest good checkpoint: the method's state into ``adapted`` (the whole model, before any
+    sharding), the RNGs set; None where the run has no complete checkpoint yet (killed before its first).
+    Refused with one line where ``identity`` differs."""
     found = latest_checkpoint(run_dir)
     if found is None:
         return None
@@ -230,13 +257,7 @@ def load_checkpoint(
                 f"checkpoint '{ckpt}': {key} is '{manifest[key]}', this run's config says '{want}'"
             )
     adapted.load(ckpt / "method")
-    try:
-        optimizer.load_state_dict(_torch_load(ckpt / "optimizer.pt"))
-        scheduler.load_state_dict(_torch_load(ckpt / "scheduler.pt"))
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise UserError(
-            f"checkpoint '{ckpt}': optimizer state does not fit this run ({error_text(err)})"
-        ) from None
+    optimizer, scheduler = _torch_load(ckpt / "optimizer.pt"), _torch_load(ckpt / "scheduler.pt")
     rng = read_tensors(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
@@ -246,7 +267,21 @@ def load_checkpoint(
     state = read_json(ckpt / "trainer_state.json")
     v, internal, gauss = state.pop("python_rng")
     random.setstate((v, tuple(internal), gauss))
-    return state
+    # what runs before training resumes (the loss check, the evaluation before) must not shift them
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return Loaded(ckpt, state, optimizer, scheduler, (torch.get_rng_state(), cuda, random.getstate()))
+
+
+def load_checkpoint(
+    run_dir: Path, adapted: Adapted, optimizer, scheduler, identity: dict | None = None
+) -> dict | None:
+    """Restore the newest good checkpoint into ``adapted``, ``optimizer``, ``scheduler`` and the RNGs; return
+    the trainer state (``step``, ``data``, counters), or None where the run has no complete checkpoint yet."""
+    loaded = read_checkpoint(run_dir, adapted, identity)
+    if loaded is None:
+        return None
+    loaded.into(optimizer, scheduler)
+    return loaded.state
 
 
 def _torch_load(path: Path):

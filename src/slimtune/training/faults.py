@@ -63,3 +63,12 @@ class StopSignals:
     @staticmethod
     def exit_code(signum: int) -> int:
         return 128 + signum
+
+
+def stopped_by(signum: int, step: int, steps: int, run_dir) -> RunStopped:
+    """The stop of a run a signal ended after ``step`` of ``steps``, its checkpoint saved in ``run_dir``."""
+    return RunStopped(
+        f"stopped by {signal.Signals(signum).name} after step {step} of {steps}; checkpoint saved in "
+        f"{run_dir / 'checkpoint'}; continue with `slimtune train --resume {run_dir}`",
+        StopSignals.exit_code(signum),
+    )

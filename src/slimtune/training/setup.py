@@ -10,7 +10,9 @@ import torch
 
 from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted
+from slimtune.modules import compiling
 from slimtune.modules.losses import LogitFreeLoss
+from slimtune.training import in_backward
 from slimtune.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -88,3 +90,27 @@ def _builds_a_cache(model: torch.nn.Module) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return isinstance(base, PreTrainedModel) and hasattr(base.config, "use_cache")
+
+
+def compile_decoder(adapted: Adapted, acc) -> None:
+    """``train.compile``: the decoder layers' training forward compiled (one process only, for now)."""
+    if acc.num_processes > 1:
+        raise UserError(
+            f"train.compile: not built for a {acc.num_processes}-process run yet (one process only); "
+            "set train.compile: false"
+        )
+    why = adapted.compile_refusal()
+    if why:
+        raise UserError(f"train.compile: method '{adapted.cfg.name}': {why}; set train.compile: false")
+    compiling.check_toolchain(acc.device)
+    n = compiling.compile_layers(adapted.model, adapted.cfg.name)
+    log.info("train.compile: %d decoder layers compile on the first step", n)
+
+
+def step_in_backward(adapted: Adapted, acc, optimizer) -> in_backward.StepInBackward:
+    """``train.optimizer_in_backward``: AdamW steps each parameter inside backward (in_backward.py)."""
+    why = in_backward.refusal(adapted, acc.num_processes, getattr(acc, "scaler", None))
+    if why:
+        raise UserError(f"train.optimizer_in_backward: {why}; set train.optimizer_in_backward: false")
+    raw = getattr(optimizer, "optimizer", optimizer)  # (inside accelerate's wrapper)
+    return in_backward.StepInBackward(raw, list(adapted.named_trainable_parameters()))

@@ -111,3 +111,31 @@ def _flat(config: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out
+
+
+class StepProgress:
+    """The progress bar of a run (main process) and its per-step record in the run log every ``log_every``
+    steps and at the last; the run's first and last loss and its tokens, for the result."""
+
+    def __init__(self, run_log: RunLog, total: int, initial: int, log_every: int, main: bool):
+        from tqdm.auto import tqdm
+
+        self.run_log, self.total, self.log_every = run_log, total, log_every
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=not main, dynamic_ncols=True)
+        self.first_loss, self.last_loss, self.tokens = float("nan"), float("nan"), 0
+
+    def step(self, step: int, loss: float, tokens: int, dt: float, peak: int, extra: dict) -> None:
+        """``extra``: more of the step's record (learning rate, gradient norm, the method's scalars)."""
+        from slimtune.core.memory import fmt_bytes
+
+        self.first_loss = loss if math.isnan(self.first_loss) else self.first_loss
+        self.last_loss, self.tokens = loss, self.tokens + tokens
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}", mem=fmt_bytes(peak))
+        if step % self.log_every == 0 or step == self.total:
+            record = {"step": step, "loss": loss, "lr": extra.pop("lr"), "grad_norm": extra.pop("grad_norm")}
+            record |= {"tokens_per_s": tokens / dt, "step_time_s": dt, "peak_bytes": peak, **extra}
+            self.run_log.log(record)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -57,7 +57,7 @@ class LayerStore:
         makes the same update. Only the union rows travel; a no-op in a single process."""
         import torch.distributed as dist
 
-        from slimtune.engines.support import world_size
+        from slimtune.core.processes import world_size
 
         world = world_size(group)
         if world == 1:

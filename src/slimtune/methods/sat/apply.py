@@ -131,7 +131,7 @@ def _mean_over_ranks(scores: torch.Tensor) -> torch.Tensor:
     a single process would keep for the whole global batch) and DDP's averaged gradients stay consistent."""
     import torch.distributed as dist
 
-    from slimtune.engines.support import world_size
+    from slimtune.core.processes import world_size
 
     world = world_size()
     if world == 1:
