@@ -6,6 +6,7 @@ User errors print one line (``slimtune: error: ...``) and exit with code 2, neve
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -214,20 +215,6 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_pema(args) -> int:
-    from slimtune.recipes import pema as workflow
-    from slimtune.training import config as C
-
-    cfg = C.load_config(args.config, args.overrides)
-    if args.step != "generate" and (args.split != "test" or args.out):
-        raise UserError("--split and --out belong to `slimtune pema generate`")
-    if args.step == "generate":
-        workflow.generate(cfg, split=args.split, out_dir=args.out)
-    else:
-        {"build-memory": workflow.build, "train": workflow.train}[args.step](cfg)
-    return 0
-
-
 def _add_config_commands(sub) -> None:
     t = sub.add_parser("train", help="train from a YAML config (+ dotted key=value overrides)")
     t.add_argument("config", nargs="?", help="CONFIG.yaml")
@@ -354,28 +341,18 @@ def _add_plan_command(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
 
-def _add_pema_command(sub) -> None:
-    pm = sub.add_parser(
-        "pema", help="PEMA offsite tuning: build-memory (owner), train (data owner), generate"
-    )
-    pm.add_argument("step", choices=["build-memory", "train", "generate"])
-    pm.add_argument("config", help="CONFIG.yaml with method.name: pema and a fixed train.output_dir")
-    pm.add_argument("overrides", nargs="*")
-    pm.add_argument(
-        "--split",
-        choices=["test", "dev"],
-        default="test",
-        help="generate: the held-out test pairs, or the data owner's dev pairs (to choose decoding settings)",
-    )
-    pm.add_argument("--out", help="generate: a new directory for results.json (default: OUTPUT_DIR/generate)")
-    pm.set_defaults(fn=cmd_pema)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the house error format: one line, exit 2 (``--help`` still shows the usage)."""
 
     def error(self, message: str):
         self.exit(2, f"slimtune: error: {message} (see `{self.prog} --help`)\n")
+
+
+def workflows():
+    """Registry entries of the methods that are not one training run, each with the recipe of its command."""
+    from slimtune.methods import METHODS, WORKFLOW
+
+    return [s for s in METHODS.values() if s.kind == WORKFLOW]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_bench_command(sub)
     _add_plan_command(sub)
-    _add_pema_command(sub)
+    for spec in workflows():  # a workflow method's recipe adds its own command
+        importlib.import_module(spec.recipe).add_command(sub)
     return ap
 
 

@@ -17,8 +17,15 @@ import torch
 
 from slimtune.core import hostmem
 
-PEERS: dict[str, tuple[str, ...]] = {"hf": ("full", "lora", "qlora")}
-"""Peer name → the slimtune methods it has a counterpart for."""
+PEERS = ("hf",)
+"""The peers `slimtune bench --peers` knows (``hf``: transformers.Trainer, + peft for LoRA-family methods)."""
+
+
+def covered(peer: str) -> tuple[str, ...]:
+    """The slimtune methods ``peer`` has a counterpart for (their registry entries declare it)."""
+    from slimtune.methods import METHODS
+
+    return tuple(n for n, s in METHODS.items() if peer in s.peers)
 
 
 def peer_label(peer: str, method: str) -> str:
@@ -31,13 +38,28 @@ def peer_runs(runs: list[dict], peers: list[str]) -> list[dict]:
     out, seen = [], set()
     for peer in peers:
         for r in runs:
-            if r["method"] in PEERS[peer] and not r.get("peer") and (peer, r["method"]) not in seen:
+            if r["method"] in covered(peer) and not r.get("peer") and (peer, r["method"]) not in seen:
                 seen.add((peer, r["method"]))
                 settings = {
                     k: v for k, v in r.get("settings", {}).items() if k not in ("memory", "chunked_loss")
                 }
-                out.append({"method": r["method"], "settings": settings, "peer": peer})
+                out.append(
+                    {
+                        "method": r["method"],
+                        "settings": settings,
+                        "peer": peer,
+                        "kind": _peer_kind(r["method"]),
+                    }
+                )
     return out
+
+
+def _peer_kind(method: str) -> dict:
+    """What the peer process builds for ``method`` (read here: the peer does not import slimtune's methods)."""
+    from slimtune.methods import get_spec
+
+    spec = get_spec(method)
+    return {"four_bit_base": spec.four_bit_base, "peft_lora": "peft" in spec.needs}
 
 
 def _load_4bit(spec: dict, dtype: torch.dtype):
@@ -68,7 +90,7 @@ def _peer_model(spec: dict, method_cfg):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = models.resolve_dtype(spec.get("dtype", "auto"), device)
-    if spec["method"] == "qlora":
+    if spec["peer_kind"]["four_bit_base"]:
         if spec.get("shape") or spec.get("model") == "tiny":
             raise ValueError("hf:qlora needs a model on disk (bitsandbytes quantizes at load)")
         from transformers import AutoTokenizer
@@ -77,7 +99,7 @@ def _peer_model(spec: dict, method_cfg):
         tok = AutoTokenizer.from_pretrained(models.model_path(spec["model"]), local_files_only=True)
     else:
         model, tok = load_for_bench(spec)
-    if spec["method"] in ("lora", "qlora"):
+    if spec["peer_kind"]["peft_lora"]:  # (a LoRA-family method: its peer wraps peft's LoRA)
         from slimtune.methods.baselines.apply import (
             peft_lora,
         )  # peft's get_peft_model(LoraConfig(...)), no more

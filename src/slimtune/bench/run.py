@@ -25,7 +25,6 @@ from slimtune.core.errors import ConfigError, UserError
 from slimtune.core.schema import build
 from slimtune.training.config import TrainConfig, parse_overrides
 
-DEFAULT_BASELINE = {"adapter": "lora", "quantized": "qlora", "full": "full"}
 WORKERS = {False: "slimtune.bench.worker", True: "slimtune.bench.peers"}
 """The module each run executes in its own process: slimtune's measurement, or a peer's."""
 PROBES = ("nf4-forward",)
@@ -113,17 +112,17 @@ def plan_from_args(methods: str | None, yaml_path: str | None, overrides: list[s
 
 def _check_peers(plan: BenchPlan) -> None:
     """Validate ``plan.peers``; the peer runs are added after slimtune's in :func:`bench`."""
-    from slimtune.bench.peers import PEERS
+    from slimtune.bench.peers import PEERS, covered
 
     if isinstance(plan.peers, str):
         plan.peers = [p for p in plan.peers.split(",") if p]
     bad = [p for p in plan.peers if p not in PEERS]
     if bad:
         raise UserError(f"bench --peers: unknown peer '{bad[0]}' (known: {', '.join(PEERS)})")
-    if plan.peers and not any(r["method"] in PEERS[p] for p in plan.peers for r in plan.runs):
+    if plan.peers and not any(r["method"] in covered(p) for p in plan.peers for r in plan.runs):
         raise UserError(
             f"bench --peers {','.join(plan.peers)}: none of the methods has a peer "
-            f"(the peers cover {', '.join(sorted({m for p in plan.peers for m in PEERS[p]}))})"
+            f"(the peers cover {', '.join(sorted({m for p in plan.peers for m in covered(p)}))})"
         )
 
 
@@ -177,6 +176,7 @@ def run_one(plan: BenchPlan, run: dict, workdir: Path) -> dict:
         "threads": plan.threads,
         "dtype": plan.dtype,
         "peer": run.get("peer"),
+        "peer_kind": run.get("kind"),
         "procs": 1 if run.get("peer") else plan.procs,
     }
     name = label(run).replace("/", "_")
@@ -222,14 +222,14 @@ def _launcher(procs: int) -> list[str]:
 
 
 def ratios(runs: list[dict]) -> dict:
-    from slimtune.methods import METHODS
+    from slimtune.methods import baseline_of
 
     by_label = {r["label"]: r for r in runs}
     out = {}
     for r in runs:
         if r["method"] in PROBES or r.get("peer"):
             continue
-        baseline = r["settings"].get("baseline") or DEFAULT_BASELINE[METHODS[r["method"]].family]
+        baseline = r["settings"].get("baseline") or baseline_of(r["method"])
         b = by_label.get(baseline)
         entry = {"baseline": baseline, "memory": None, "speed": None}
         if b is not None and b.get("ok") and r.get("ok"):
@@ -241,8 +241,10 @@ def ratios(runs: list[dict]) -> dict:
 
 def ceilings(runs: list[dict]) -> dict:
     """Speed ceiling of forward-only side methods: QLoRA's step time / the 4-bit backbone's forward time."""
+    from slimtune.methods import four_bit_baseline
+
     by_label = {r["label"]: r for r in runs if r.get("ok")}
-    probe, qlora = by_label.get("nf4-forward"), by_label.get("qlora")
+    probe, qlora = by_label.get("nf4-forward"), by_label.get(four_bit_baseline())
     if probe is None or qlora is None:
         return {}
     return {

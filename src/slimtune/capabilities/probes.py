@@ -12,8 +12,8 @@ probes; ``tests/test_capabilities.py`` fails when either is stale; ``slimtune li
 
 from __future__ import annotations
 
-import copy
 import functools
+import importlib
 import json
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from slimtune.core.errors import ConfigError, UserError
+from slimtune.methods import METHODS, TRAINER, get_spec
+from slimtune.methods.base import Adapted
 
 MATRIX_FILE = Path(__file__).with_name("capabilities.json")
 
@@ -92,7 +94,7 @@ def _reference(method: str, family: str) -> nn.Module:
     from slimtune.modules.quant.backbone import quantize_decoder
 
     base = tiny_model(family)
-    if method in ("qlora", "qst"):
+    if get_spec(method).four_bit_base:
         quantize_decoder(base, "torch", double_quant=True)
     return base.eval()
 
@@ -155,43 +157,6 @@ def _merge(a) -> None:
     _check(torch.allclose(got, want, atol=1e-4), f"merged logits differ ({(got - want).abs().max():.2e})")
 
 
-def _sat_slicing(family: str) -> None:
-    """SAT's sliced forward and backward with fixed kept sets (every other MLP channel and query head) equal the
-    dense model's with the omitted channels' and heads' outputs zeroed (their down_proj / o_proj columns), the
-    gradients of those zeroed columns aside (SAT gives them none)."""
-    from slimtune.methods.sat.apply import remove_sat, sat_modules
-    from slimtune.methods.sat.layer import attn_parts, mlp_parts
-
-    a = adapt("sat", family)
-    ref = remove_sat(copy.deepcopy(a.model))
-    skip: dict[str, torch.Tensor] = {}  # parameter name -> columns whose gradient differs by design
-    names = {id(p): n for n, p in ref.named_parameters()}
-    for layer, kind, m in sat_modules(ref):
-        out = mlp_parts(m)[2] if kind == "mlp" else attn_parts(m)[3]
-        width = 1 if kind == "mlp" else m.head_dim
-        n = out.weight.shape[1] // width
-        omitted = torch.arange(1, n, 2)
-        cols = (omitted[:, None] * width + torch.arange(width)).flatten()
-        with torch.no_grad():
-            out.weight[:, cols] = 0
-        skip[names[id(out.weight)]] = cols
-        a.controller.forced[(layer, kind)] = torch.arange(0, n, 2)
-    a.model.train()
-    ref.train()
-    data = batch(seed=4)
-    got, want = a.model(**data), ref(**data)
-    _check(
-        torch.allclose(got.logits, want.logits, atol=1e-5), "sliced forward differs from the zeroed dense one"
-    )
-    got.loss.backward()
-    want.loss.backward()
-    for (name, p), (_, q) in zip(a.model.named_parameters(), ref.named_parameters(), strict=True):
-        g, h = p.grad.clone(), q.grad.clone()
-        if name in skip:
-            g[:, skip[name]] = h[:, skip[name]] = 0
-        _check(torch.allclose(g, h, atol=1e-5), f"gradient of {name} differs from the zeroed dense model's")
-
-
 def probe_family(method: str, family: str) -> Cell:
     """Run the contract of ``method`` on a tiny ``family`` model."""
     try:
@@ -200,42 +165,17 @@ def probe_family(method: str, family: str) -> Cell:
         return _refusal(err)
     try:
         _contract(method, family, a)
-        if method == "sat":
-            _sat_slicing(family)
+        if type(a).self_check is not Adapted.self_check:  # a method's own invariant, on a fresh model
+            adapt(method, family).self_check(batch(seed=4))
     except Exception as err:  # recorded, so one broken cell does not hide the others
         return _failure(err)
     return Cell("yes")
 
 
-def _pema_owner(family: str) -> None:
-    """PEMA's owner side: the exported head reproduces the model's logits from the final-layer states (checked
-    inside ``export_head``), and λ = 0 generation equals the model's own greedy generation."""
-    from slimtune.methods import make_config
-    from slimtune.methods.pema.layer import PEMAAdapter
-    from slimtune.methods.pema.owner import Owner
-    from slimtune.models.families import tiny_model
-    from slimtune.recipes.pema import pema_generate
-
-    model = tiny_model(family)
-    owner = Owner(model, pad_id=0)
-    head = owner.export_head()
-    cfg = make_config("pema", r=8, max_new_tokens=6)
-    torch.manual_seed(0)
-    adapter = PEMAAdapter(head.weight.shape[1], cfg).eval()
-    with torch.no_grad():
-        adapter.pema_B_pd.normal_()
-    prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    got = pema_generate(owner, head, adapter, prompts, [3, 3], cfg, stop_ids=set(), constant_lambda=0.0)
-    for p, seq in zip(prompts, got):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-        _check(seq == ref[0, len(p) :].tolist(), f"λ = 0 generation differs from greedy: {seq}")
-    mixed = pema_generate(owner, head, adapter, prompts, [3, 3], cfg, stop_ids=set(), constant_lambda=1.0)
-    _check(all(len(seq) == 6 for seq in mixed), "λ = 1 generation did not run")
-
-
-def probe_pema(family: str) -> Cell:
+def probe_workflow(probe, family: str) -> Cell:
+    """A workflow method's own probe on one family (its recipe's ``probe_family``; PEMA: the owner side)."""
     try:
-        _pema_owner(family)
+        probe(family)
     except UserError as err:
         return Cell("no", str(err))
     except Exception as err:
@@ -442,7 +382,10 @@ def probe_all(methods=None, families=None) -> dict:
     methods = methods or list(SETTINGS)
     families = families or list(FAMILIES)
     table = {m: {f: asdict(probe_family(m, f)) for f in families} for m in methods}
-    table["pema"] = {f: asdict(probe_pema(f)) for f in families}
+    for spec in METHODS.values():
+        if spec.kind != TRAINER:
+            probe = importlib.import_module(spec.recipe).probe_family
+            table[spec.name] = {f: asdict(probe_workflow(probe, f)) for f in families}
     features = {
         m: {
             **{d: asdict(probe_dtype(m, d)) for d in DTYPES},
@@ -509,7 +452,11 @@ def render(matrix: dict) -> str:
     fams = matrix["families"]
     families = list(next(iter(fams.values())))
     rows = [
-        [m if m != "pema" else "pema (owner side)", *(notes.cell(fams[m][f]) for f in families)] for m in fams
+        [
+            m if METHODS[m].kind == TRAINER else f"{m} ({METHODS[m].kind})",
+            *(notes.cell(fams[m][f]) for f in families),
+        ]
+        for m in fams
     ]
     lines = [HEADER, "## Decoder families", ""]
     lines += _table(["method", *families], rows)

@@ -16,26 +16,22 @@ from slimtune.core.errors import UserError
 from slimtune.engines.base import Engine
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
-TRAINER_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst", "meft")
-
-_MEFT_SHARD = (
-    "MEFT's adapter lives in host memory outside the model: there is nothing for FSDP or ZeRO to shard"
-)
-FSDP_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst")
-"""Methods with a 2-process FSDP2 equivalence test (tests/test_distributed.py)."""
-DEEPSPEED_METHODS = ("full", "lora", "qlora", "qst", "sat", "pst")
-"""Methods with 2-process DeepSpeed ZeRO-2 and ZeRO-3 equivalence tests (tests/test_distributed.py)."""
 
 
 def status(method: str, engine: str) -> tuple[bool, str]:
-    """(supported, why) for ``method`` under ``engine``."""
+    """(supported, why) for ``method`` under ``engine``: every trainer method runs in one process and under DDP;
+    under FSDP2 and DeepSpeed unless its registry entry declares why not (``MethodSpec.sharding``). Each
+    supported pair has a 2-process equivalence test (tests/test_distributed.py reads the same registry)."""
+    from slimtune.methods import get_spec
+
     if engine in ("single", "ddp"):
         return True, "2-process equivalence test" if engine == "ddp" else ""
-    if method == "meft":
-        return False, _MEFT_SHARD
+    refusal = get_spec(method).sharding
+    if refusal is not None:
+        return False, refusal
     if engine == "fsdp":
-        return method in FSDP_METHODS, "2-process equivalence test"
-    return method in DEEPSPEED_METHODS, "2-process equivalence tests, ZeRO-2 and ZeRO-3"
+        return True, "2-process equivalence test"
+    return True, "2-process equivalence tests, ZeRO-2 and ZeRO-3"
 
 
 OPTIONS = (
@@ -146,7 +142,9 @@ def render() -> str:
     """The method × engine table of docs/distributed.md."""
     notes: list[str] = []
     rows = ["| method | " + " | ".join(ENGINES) + " |", "|---" * (len(ENGINES) + 1) + "|"]
-    for m in TRAINER_METHODS:
+    from slimtune.methods import trainer_methods
+
+    for m in trainer_methods():
         cells = []
         for e in ENGINES:
             ok, why = status(m, e)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimtune.core.errors import UserError
-from slimtune.methods.base import TRAINER, WORKFLOW, Adapted, MethodConfig, MethodSpec
+from slimtune.methods.base import Adapted, MethodConfig
 from slimtune.methods.baselines import (
     FullConfig,
     LoraMethodConfig,
@@ -23,10 +23,13 @@ from slimtune.methods.pema import PEMAConfig
 from slimtune.methods.pst import PSTConfig, apply_pst
 from slimtune.methods.qst import QSTConfig, apply_qst
 from slimtune.methods.sat import SATConfig, apply_sat
+from slimtune.methods.spec import TRAINER, WORKFLOW, MethodSpec
 from slimtune.modules.activations import keep_fewer_activations
 
 METHODS: dict[str, MethodSpec] = {
-    "full": MethodSpec("full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)"),
+    "full": MethodSpec(
+        "full", FullConfig, apply_full, "full", "full fine-tuning (every parameter trained)", peers=("hf",)
+    ),
     "lora": MethodSpec(
         "lora",
         LoraMethodConfig,
@@ -36,6 +39,7 @@ METHODS: dict[str, MethodSpec] = {
         needs=("peft",),
         probe={"r": 4, "dropout": 0.0},
         probe_lr=5e-3,
+        peers=("hf",),
     ),
     "qlora": MethodSpec(
         "qlora",
@@ -46,6 +50,8 @@ METHODS: dict[str, MethodSpec] = {
         needs=("peft",),
         probe={"r": 4, "dropout": 0.0, "backend": "torch"},
         probe_lr=5e-3,
+        four_bit_base=True,
+        peers=("hf",),
     ),
     "qst": MethodSpec(
         "qst",
@@ -55,6 +61,8 @@ METHODS: dict[str, MethodSpec] = {
         "quantized side tuning: 4-bit backbone run without autograd + a d/r-wide side network",
         probe={"r": 4, "dropout": 0.0, "backend": "torch"},
         probe_lr=3e-2,
+        baseline="qlora",
+        four_bit_base=True,
     ),
     "sat": MethodSpec(
         "sat",
@@ -63,6 +71,7 @@ METHODS: dict[str, MethodSpec] = {
         "full",
         "sparsity-accelerated training: each step omits unimportant MLP channels / heads by slicing weights",
         probe={"rate": 0.5, "schedule": "constant"},
+        baseline="full",
     ),
     "pst": MethodSpec(
         "pst",
@@ -72,6 +81,7 @@ METHODS: dict[str, MethodSpec] = {
         "parameter-efficient sparse training: LoRA update + learned low-rank/structured mask scores, sparse export",
         probe={"sparsity": 0.5},
         probe_lr=3e-3,
+        baseline="lora",
     ),
     "meft": MethodSpec(
         "meft",
@@ -81,6 +91,8 @@ METHODS: dict[str, MethodSpec] = {
         "wide sparse parallel adapter in host memory: per token top-K neurons, only touched rows on the device",
         probe={"r": 256, "k": 16, "experts": 16, "n_probe": 4},
         probe_lr=1e-2,
+        baseline="lora",
+        sharding="MEFT's adapter lives in host memory outside the model: there is nothing for FSDP or ZeRO to shard",
     ),
     "pema": MethodSpec(
         "pema",
@@ -90,6 +102,8 @@ METHODS: dict[str, MethodSpec] = {
         "offsite tuning: adapter trained on the owner's final-layer states (external memory, Gradual Unrolling)",
         kind=WORKFLOW,
         command="slimtune pema build-memory|train|generate CONFIG",
+        recipe="slimtune.recipes.pema_entry",
+        baseline="lora",
         train_keys=("output_dir",),
         instead={
             "lr": "method.lr",
@@ -100,6 +114,30 @@ METHODS: dict[str, MethodSpec] = {
         },
     ),
 }
+
+
+PLAIN = "full"
+"""The method whose adapted model is the plain model itself (evaluating or generating with a base model)."""
+
+
+def trainer_methods() -> list[str]:
+    """The methods `slimtune train` and `bench` run, in registry order."""
+    return [n for n, s in METHODS.items() if s.kind == TRAINER]
+
+
+def sharded_methods() -> list[str]:
+    """Trainer methods that run under FSDP2 and DeepSpeed ZeRO (their ``sharding`` declares no refusal)."""
+    return [n for n in trainer_methods() if METHODS[n].sharding is None]
+
+
+def baseline_of(name: str) -> str:
+    """The method ``name`` is measured against (itself where it is a baseline)."""
+    return get_spec(name).baseline or name
+
+
+def four_bit_baseline() -> str:
+    """The baseline of the 4-bit methods (QST's speed ceiling is measured against it)."""
+    return next(baseline_of(n) for n in trainer_methods() if METHODS[n].four_bit_base)
 
 
 def get_spec(name: str) -> MethodSpec:
@@ -139,13 +177,18 @@ def apply(model: nn.Module, cfg: MethodConfig) -> Adapted:
 
 __all__ = [
     "METHODS",
+    "PLAIN",
     "TRAINER",
     "WORKFLOW",
     "Adapted",
     "MethodConfig",
     "MethodSpec",
     "apply",
+    "baseline_of",
+    "four_bit_baseline",
     "get_spec",
     "make_config",
     "require_trainer",
+    "sharded_methods",
+    "trainer_methods",
 ]

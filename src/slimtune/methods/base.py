@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -208,6 +207,10 @@ class Adapted:
         trace as one graph (the capability probe checks it: no graph break, the eager run's trained state)."""
         return None
 
+    def self_check(self, data: dict[str, torch.Tensor]) -> None:
+        """A method's own invariant the capability probes run on every family, on a fresh adapted model and
+        one batch (raise ``AssertionError`` saying what differs; SAT: slicing equals zeroing)."""
+
     def bench_facts(self, seq_len: int) -> dict:
         """Method-specific figures a benchmark reports next to its measurements (e.g. a FLOP-share limit)."""
         return {}
@@ -234,47 +237,6 @@ class Adapted:
             pad_token_id=pad_token_id,
         )
         return out[:, input_ids.shape[1] :]
-
-
-class ApplyFn(Protocol):
-    def __call__(self, model: nn.Module, cfg: MethodConfig) -> Adapted: ...
-
-
-TRAINER, WORKFLOW = "trainer", "workflow"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registry entry: how to configure and apply one method.
-
-    ``kind`` is ``trainer`` (``apply`` gives an :class:`Adapted` that `slimtune train` and `slimtune bench` run) or
-    ``workflow`` (a method with its own command, ``command``; `train` and `bench` refuse it when they validate).
-    """
-
-    name: str
-    config_cls: type[MethodConfig]
-    apply: ApplyFn | None
-    family: str
-    """full | adapter | quantized: picks the default baseline when benchmarking."""
-    summary: str
-    needs: tuple[str, ...] = field(default_factory=tuple)
-    """Optional packages the method needs (checked before ``apply``; the runtime memory figure imports them)."""
-    kind: str = TRAINER
-    command: str | None = None
-    """workflow: the command that runs it (named in the refusal of `train` / `bench`)."""
-    train_keys: tuple[str, ...] | None = None
-    """workflow: the ``train.*`` keys it reads; any other set in a config is refused (None: all, for trainers)."""
-    instead: dict[str, str] = field(default_factory=dict)
-    """workflow: for a refused ``train.*`` key, the key that does its job (e.g. lr -> method.lr)."""
-    probe: dict[str, Any] = field(default_factory=dict)
-    """Settings for the capability probes' tiny models (hidden 64, 2 layers), where the defaults do not fit."""
-    probe_lr: float = 1e-3
-    """Learning rate of the probes' "loss falls" checks on a repeated batch."""
-
-    def missing_packages(self, cfg: MethodConfig | None = None) -> list[str]:
-        """Packages of ``needs`` (and ``cfg.needs()``) that are not installed."""
-        wanted = self.needs + (cfg.needs() if cfg is not None else ())
-        return [p for p in dict.fromkeys(wanted) if importlib.util.find_spec(p) is None]
 
 
 def nonfinite(grad: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from slimtune.core.files import read_json, save_atomic, write_atomic
 from slimtune.data.records import load_split
 from slimtune.data.tasks import get_task
 from slimtune.engines.support import require_supported
+from slimtune.methods import PLAIN, make_config, require_trainer
 from slimtune.methods import apply as apply_method
-from slimtune.methods import make_config, require_trainer
 from slimtune.methods.base import Adapted
 from slimtune.models import loading as models
 from slimtune.training import config as C
@@ -243,7 +243,7 @@ def load_target(run_dir: str | Path | None, model: str | None) -> tuple[C.RunCon
     if not model:
         raise UserError("give a RUN_DIR or --model NAME")
     loaded = models.load(model)
-    return None, Prepared(apply_method(loaded[0], make_config("full")), loaded[1])
+    return None, Prepared(apply_method(loaded[0], make_config(PLAIN)), loaded[1])
 
 
 def evaluate_target(

@@ -247,6 +247,9 @@ class SATAdapted(Adapted):
 
     cfg: SATConfig
 
+    def self_check(self, data: dict[str, torch.Tensor]) -> None:
+        check_slicing(self, data)
+
     def compile_refusal(self) -> str | None:
         return (
             "it slices each layer to the neurons it keeps, chosen from the data (torch.unique): a "
@@ -358,3 +361,34 @@ def apply_sat(model: nn.Module, cfg: SATConfig) -> SATAdapted:
 
     model._sat_hook = model.register_forward_pre_hook(pre_forward, with_kwargs=True)
     return SATAdapted(model, cfg, ctrl)
+
+
+def check_slicing(a: SATAdapted, data: dict[str, torch.Tensor]) -> None:
+    """SAT's sliced forward and backward with fixed kept sets (every other MLP channel and query head) equal the
+    dense model's with the omitted channels' and heads' outputs zeroed (their down_proj / o_proj columns), the
+    gradients of those zeroed columns aside (SAT gives them none)."""
+    ref = remove_sat(copy.deepcopy(a.model))
+    skip: dict[str, torch.Tensor] = {}  # parameter name -> columns whose gradient differs by design
+    names = {id(p): n for n, p in ref.named_parameters()}
+    for layer, kind, m in sat_modules(ref):
+        out = mlp_parts(m)[2] if kind == "mlp" else attn_parts(m)[3]
+        width = 1 if kind == "mlp" else m.head_dim
+        omitted = torch.arange(1, out.weight.shape[1] // width, 2)
+        cols = (omitted[:, None] * width + torch.arange(width)).flatten()
+        with torch.no_grad():
+            out.weight[:, cols] = 0
+        skip[names[id(out.weight)]] = cols
+        a.controller.forced[(layer, kind)] = torch.arange(0, out.weight.shape[1] // width, 2)
+    a.model.train()
+    ref.train()
+    got, want = a.model(**data), ref(**data)
+    if not torch.allclose(got.logits, want.logits, atol=1e-5):
+        raise AssertionError("sliced forward differs from the zeroed dense one")
+    got.loss.backward()
+    want.loss.backward()
+    for (name, p), (_, q) in zip(a.model.named_parameters(), ref.named_parameters(), strict=True):
+        g, h = p.grad.clone(), q.grad.clone()
+        if name in skip:
+            g[:, skip[name]] = h[:, skip[name]] = 0
+        if not torch.allclose(g, h, atol=1e-5):
+            raise AssertionError(f"gradient of {name} differs from the zeroed dense model's")
