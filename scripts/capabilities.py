@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from slimtune.capabilities.probes import MATRIX_FILE, probe_all, render
+    from slimtune.capabilities.probes import probe_all
+    from slimtune.capabilities.render import MATRIX_FILE, render
 
     matrix = probe_all()
     text_json = json.dumps(matrix, indent=1, ensure_ascii=False) + "\n"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from slimtune.capabilities import probes as caps
+from slimtune.capabilities import render
 from slimtune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,21 +37,21 @@ def test_no_probe_fails(fresh):
 @pytest.mark.slow
 def test_committed_matrix_is_current(fresh):
     """If this fails, run `.venv/bin/python scripts/capabilities.py` and commit both files."""
-    committed = caps.load_matrix()
+    committed = render.load_matrix()
     changed = [
         (k, dict(_cells(committed)).get(k), c)
         for k, c in _cells(fresh)
         if dict(_cells(committed)).get(k) != c
     ]
     assert changed == [] and set(dict(_cells(committed))) == set(dict(_cells(fresh)))
-    assert DOC.read_text(encoding="utf-8") == caps.render(fresh)
+    assert DOC.read_text(encoding="utf-8") == render.render(fresh)
 
 
 def test_every_method_and_family_is_in_the_matrix():
     from slimtune.methods import METHODS, TRAINER
     from slimtune.models.families import FAMILIES
 
-    matrix = caps.load_matrix()
+    matrix = render.load_matrix()
     trainers = {n for n, s in METHODS.items() if s.kind == TRAINER}
     assert set(matrix["families"]) == trainers | {"pema"} and set(matrix["features"]) == trainers
     assert all(set(row) == set(FAMILIES) for row in matrix["families"].values())
@@ -79,4 +80,4 @@ def test_a_broken_method_is_a_failure(monkeypatch):
 
 
 def test_matrix_json_round_trips():
-    assert json.loads(caps.MATRIX_FILE.read_text()) == caps.load_matrix()
+    assert json.loads(render.MATRIX_FILE.read_text()) == render.load_matrix()

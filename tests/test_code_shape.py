@@ -154,3 +154,158 @@ def test_method_folders_read_alike(folder):
             expected.add(spec.apply.__name__)
             expected.add(spec.apply.__annotations__.get("return", "").strip("'\""))
     assert exported == expected
+
+
+# ---- the layout (CONTRIBUTING.md, "How the parts fit"): layers import downward only
+LAYERS = {
+    "core": 0,
+    "models": 1,
+    "modules": 1,
+    "data": 1,
+    "methods": 2,
+    "engines": 2,
+    "training": 2,
+    "recipes": 3,
+    "plan": 3,
+    "bench": 4,
+    "capabilities": 4,
+    "cli": 5,
+    "": 5,  # the package itself: its public names, imported on first use
+}
+MAX_ROOT_ENTRIES = 12
+MAX_FILE_LINES = 400
+MAX_TRAINER_LINES = 250
+
+
+def layer_of(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{m} -> {t}"
+        for m, targets in sorted(graph.items())
+        for t in sorted(targets)
+        if LAYERS[layer_of(t)] > LAYERS[layer_of(m)]
+    ]
+
+
+def test_every_part_of_the_package_has_a_layer():
+    assert {layer_of(m) for m in _modules()} == set(LAYERS)
+
+
+def test_no_import_runs_up_a_layer():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = import_graph()
+    graph["slimtune.plan"] = graph["slimtune.plan"] | {"slimtune.bench.run"}
+    assert upward_imports(graph) == ["slimtune.plan -> slimtune.bench.run"]
+
+
+def test_the_package_root_holds_at_most_twelve_modules_and_folders():
+    entries = [p.name for p in PKG.iterdir() if p.name not in ("__init__.py", "__pycache__")]
+    assert all(p.endswith(".py") or (PKG / p).is_dir() for p in entries), entries
+    assert len(entries) <= MAX_ROOT_ENTRIES, sorted(entries)
+
+
+def test_no_file_in_src_is_longer_than_the_limit():
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in sorted(PKG.rglob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES
+    }
+    assert long == {}
+    trainer = PKG / "training" / "trainer.py"
+    assert len(trainer.read_text(encoding="utf-8").splitlines()) <= MAX_TRAINER_LINES
+
+
+def test_no_fmt_skip_in_src():
+    """The length limits are met by the code, not by keeping the formatter off it."""
+    assert [str(p.relative_to(SRC)) for p in PKG.rglob("*.py") if "fmt: skip" in p.read_text()] == []
+
+
+# ---- nothing outside methods/ names a method: it reads the registry
+def method_literals(path: Path, names: set[str]) -> list[str]:
+    """Every string constant in ``path`` equal to a method's name (docstrings are prose and not counted)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    return [
+        f"{path.name}:{n.lineno} {n.value!r}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and n.value in names
+        and id(n) not in docstrings
+    ]
+
+
+def _method_names() -> set[str]:
+    from slimtune.methods import METHODS
+
+    return set(METHODS)
+
+
+def test_no_method_name_outside_methods():
+    names = _method_names()
+    outside = [p for p in sorted(PKG.rglob("*.py")) if "methods" not in p.relative_to(PKG).parts]
+    assert [hit for p in outside for hit in method_literals(p, names)] == []
+
+
+def test_the_method_name_check_finds_a_name(tmp_path):
+    """Adding a method's name to a file outside methods/ fails the check above."""
+    names = _method_names()
+    source = (PKG / "engines" / "support.py").read_text(encoding="utf-8")
+    assert method_literals(PKG / "engines" / "support.py", names) == []
+    bad = tmp_path / "support.py"
+    bad.write_text(source + '\n\nSHARDED = ("lora", "qst")\n', encoding="utf-8")
+    n = len(source.splitlines()) + 3
+    assert method_literals(bad, names) == [f"support.py:{n} 'lora'", f"support.py:{n} 'qst'"]
+
+
+# ---- no private name of one module used from another, attribute access included
+def private_names(tree: ast.AST) -> set[str]:
+    """``_names`` a module defines: functions, classes, module globals and ``self._attr`` assignments."""
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(n.name)
+        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store):
+            if isinstance(n.value, ast.Name) and n.value.id == "self":  # (not another library's attributes)
+                out.add(n.attr)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            out.add(n.id)
+    return {x for x in out if x.startswith("_") and not x.startswith("__")}
+
+
+def foreign_private_access(files: dict[str, ast.AST]) -> list[str]:
+    own = {name: private_names(tree) for name, tree in files.items()}
+    found = []
+    for name, tree in files.items():
+        others = set().union(*(v for k, v in own.items() if k != name)) - own[name]
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Attribute) and n.attr in others:
+                if not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")):
+                    found.append(f"{name}:{n.lineno} .{n.attr}")
+    return found
+
+
+def test_no_private_attribute_of_another_module_is_used():
+    files = {str(p.relative_to(SRC)): ast.parse(p.read_text(encoding="utf-8")) for p in PKG.rglob("*.py")}
+    assert foreign_private_access(files) == []
+
+
+def test_the_private_access_check_finds_one():
+    files = {
+        "a.py": ast.parse("class T:\n    def _per_rank(self):\n        return 1\n"),
+        "b.py": ast.parse("def f(trainer):\n    return trainer._per_rank()\n"),
+    }
+    assert foreign_private_access(files) == ["b.py:2 ._per_rank"]

@@ -114,7 +114,7 @@ def test_second_backward_is_refused():
 def test_loss_term_measured_both_ways():
     """The bench's loss-term measurement: the model's own loss holds the logits, their log-softmax and their
     gradient (3 × [tokens, vocab] fp32); the logit-free loss holds one chunk of rows."""
-    from slimtune.bench.worker import loss_term_bytes
+    from slimtune.bench.figures import loss_term_bytes
     from slimtune.methods import apply, make_config
 
     model = tiny_model("llama", vocab_size=4096)

@@ -9,7 +9,7 @@ from slimtune.core.errors import ConfigError
 from slimtune.methods import apply, make_config
 from slimtune.methods.sat.apply import remove_sat, sat_modules
 from slimtune.methods.sat.config import OmissionSchedule
-from slimtune.methods.sat.layer import choose, n_kept
+from slimtune.methods.sat.selection import choose, n_kept
 from slimtune.models.loading import tiny_llama
 from slimtune.modules import activations
 
@@ -179,7 +179,7 @@ def test_every_metric_runs_and_selection_changes_across_micro_batches(metric):
 
 
 def test_wanda_scores_ignore_padding_tokens():
-    from slimtune.methods.sat.layer import mlp_scores
+    from slimtune.methods.sat.selection import mlp_scores
 
     mlp = tiny_llama(seed=0).model.layers[0].mlp
     x = torch.randn(2, 6, 64)
@@ -320,7 +320,7 @@ def test_bad_sat_configs_are_reported_by_key():
 def test_flop_shares_reproduce_the_spec_table_and_limits():
     from transformers import LlamaConfig
 
-    from slimtune.methods.sat.flops import flop_shares, speed_limit
+    from slimtune.methods.sat.selection import flop_shares, speed_limit
 
     smol = LlamaConfig(
         hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,

@@ -8,6 +8,7 @@ speed = run tokens/s / baseline tokens/s.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -129,8 +130,6 @@ def _check_peers(plan: BenchPlan) -> None:
 def _meta(plan: BenchPlan) -> dict:
     import transformers
 
-    import slimtune
-
     try:
         git = (
             subprocess.run(
@@ -146,7 +145,7 @@ def _meta(plan: BenchPlan) -> dict:
         git = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
     return {
-        "slimtune": slimtune.__version__,
+        "slimtune": importlib.metadata.version("slimtune"),
         "git": git,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
+from slimtune.bench.figures import loss_path, loss_term_bytes, matmul_flops_per_s
 from slimtune.core import hostmem, memory
 from slimtune.modules import compiling
 
@@ -183,21 +184,6 @@ def bench_rows(spec: dict, tok, vocab: int) -> list[list[int]]:
     return _random_rows(vocab, n_rows, spec["seq_len"], spec.get("seed", 0))
 
 
-def matmul_flops_per_s(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate at the current thread count: the best of ``repeats`` n×n×n products."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def _timed_steps(trainer, spec: dict, on_last_grads) -> tuple[list[float], list[float]]:
     """Run warmup + steps trainer steps; the peaks are reset after warmup; returns (losses, timed seconds)."""
     cuda = trainer.acc.device.type == "cuda"
@@ -273,8 +259,10 @@ def run(spec: dict) -> dict:
         # activations alive) and the loss-term measurement (full logits) raise them
         out = _measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok)
         flops = _count_flops(trainer)
-        first = {k: torch.tensor(v[: spec["batch"]], device=trainer.acc.device) for k, v in
-                 (("input_ids", rows), ("labels", rows))}  # fmt: skip
+        first = {
+            k: torch.tensor(v[: spec["batch"]], device=trainer.acc.device)
+            for k, v in (("input_ids", rows), ("labels", rows))
+        }
         first["attention_mask"] = torch.ones_like(first["input_ids"])
         loss_bytes = loss_term_bytes(adapted, trainer.model, first)
     rate = matmul_flops_per_s(trainer.acc.device)
@@ -284,15 +272,8 @@ def run(spec: dict) -> dict:
         "flop_limit_step_s": flops / rate,
         "flop_share": flops / rate / out["step_time_median_s"],
     }
-    out = {**out, "compute": compute, "loss_path": _loss_path(trainer), "loss_term_bytes": loss_bytes}
+    out = {**out, "compute": compute, "loss_path": loss_path(trainer), "loss_term_bytes": loss_bytes}
     return {**out, "runtime_rss_bytes": runtime, "plan": _prediction(spec, adapted, cfg)}
-
-
-def _loss_path(trainer) -> str:
-    """Which loss the run trained with: the logit-free ``chunked`` one, or the ``model``'s own."""
-    from slimtune.modules.losses import LogitFreeLoss
-
-    return "chunked" if isinstance(trainer.loss, LogitFreeLoss) else "model"
 
 
 def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, setup_s, load_peak, tok) -> dict:
@@ -311,47 +292,9 @@ def _per_rank_measurement(spec, adapted, trainer, losses, times, role_bytes, set
         "tokens_per_s": out["tokens_per_s"] * n,
         "processes": n,
         "engine": trainer.engine.name,
-        "loss_path": _loss_path(trainer),
+        "loss_path": loss_path(trainer),
         "plan": {},
     }
-
-
-def loss_term_bytes(adapted, model, batch: dict) -> dict[str, int] | None:
-    """Bytes the training loss holds at its peak beyond its input (the final hidden state), both ways, on one
-    batch: ``logits`` = the model's own path (the [tokens, vocab] logits, their fp32 log-softmax and gradient),
-    ``chunked`` = the logit-free loss (one chunk). Measured with PyTorch's ``MemTracker`` over the loss's forward
-    and its backward to the hidden state; the head is held frozen (a trained head's weight gradient is the same
-    tensor either way and is counted under gradients). None where the method forms its loss itself (QST)."""
-    import torch.nn.functional as F
-
-    from slimtune.modules.losses import IGNORE, LogitFreeLoss, linear_cross_entropy
-    from slimtune.plan.trace import PlanTracker
-
-    head = adapted.loss_head()
-    if head is None:
-        return None
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad(), LogitFreeLoss(model, head).hidden_out():
-        hidden = model(**inputs).logits
-    labels, weight = batch["labels"], head.weight.detach()
-
-    def logits_loss(h):
-        z = F.linear(h.to(weight.dtype), weight, head.bias)
-        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-        return F.cross_entropy(z.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE)
-
-    def chunked_loss(h):
-        return linear_cross_entropy(h, weight, labels, head.bias)
-
-    out = {}
-    for name, fn in (("logits", logits_loss), ("chunked", chunked_loss)):
-        h = hidden.detach().requires_grad_()
-        tracker = PlanTracker()
-        tracker.track_external(weight, h, labels)  # inputs: filed as "other", outside the roles summed
-        with tracker:
-            torch.autograd.grad(fn(h), h)
-        out[name] = sum(tracker.by_role("peak").values())
-    return out
 
 
 def _prediction(spec: dict, adapted, cfg) -> dict:
@@ -361,11 +304,15 @@ def _prediction(spec: dict, adapted, cfg) -> dict:
     try:
         dtype = next(adapted.model.parameters()).dtype
         t = trace_step(
-            adapted.model.config, cfg.method, spec["batch"], spec["seq_len"], dtype,
+            adapted.model.config,
+            cfg.method,
+            spec["batch"],
+            spec["seq_len"],
+            dtype,
             grad_checkpointing=cfg.train.grad_checkpointing or cfg.train.memory == "low",
             chunked_loss=cfg.train.chunked_loss or cfg.train.memory == "low",
             optimizer_in_backward=cfg.train.optimizer_in_backward,
-        )  # fmt: skip
+        )
     except Exception as err:  # the measurement stands; the planner's failure is reported beside it
         return {"error": f"{type(err).__name__}: {err}"}
     return {

@@ -108,8 +108,11 @@ def render(rows: list[PlanRow], title: str) -> str:
         cells += [str(r.largest_batch or ""), str(r.largest_seq_len or "")]
         cells += ["" if r.step_seconds is None else f"{r.step_seconds:.2f} s"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "GiB. Tensor bytes at the traced step's peak (MemTracker on fake tensors); overhead: CUDA context and",
-              "allocator share when a GPU budget is given; host: method state kept in host memory (MEFT's store)."]  # fmt: skip
+    lines += [
+        "",
+        "GiB. Tensor bytes at the traced step's peak (MemTracker on fake tensors); overhead: CUDA context and",
+        "allocator share when a GPU budget is given; host: method state kept in host memory (MEFT's store).",
+    ]
     return "\n".join(lines)
 
 

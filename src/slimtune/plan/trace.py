@@ -25,8 +25,14 @@ from slimtune.core.errors import UserError
 aten = torch.ops.aten
 
 ROLES = ("parameters", "buffers", "gradients", "activations", "temporaries", "optimizer")
-_TRACKER_ROLE = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients",
-                 "Activation": "activations", "Temp": "temporaries", "Optstate": "optimizer"}  # fmt: skip
+_TRACKER_ROLE = {
+    "Parameter": "parameters",
+    "Buffer": "buffers",
+    "Gradient": "gradients",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Optstate": "optimizer",
+}
 
 
 class PlanTracker(MemTracker):
@@ -308,9 +314,15 @@ def _trace(
         tracker.reset_mod_stats()
         tracker.reset_peak()
         _step(
-            adapted, optimizer, loss, data, grad_accum, 1, lambda: at_grads.update(tracker.by_role("current")),
+            adapted,
+            optimizer,
+            loss,
+            data,
+            grad_accum,
+            1,
+            lambda: at_grads.update(tracker.by_role("current")),
             in_bwd=optimizer_in_backward,
-        )  # fmt: skip
+        )
     return Trace(
         method_cfg.name,
         tracker.by_role("peak"),

@@ -83,9 +83,16 @@ def train_pema(
     a = adapter
     log("stage 1: reconstruction")
     h1 = _train(
-        a, [a.pema_A, a.pema_B_rct], lambda x, y: reconstruction_loss(a, x), train, dev, cfg.batch_stage1,
-        cfg.epochs_stage1, cfg, log,
-    )  # fmt: skip
+        a,
+        [a.pema_A, a.pema_B_rct],
+        lambda x, y: reconstruction_loss(a, x),
+        train,
+        dev,
+        cfg.batch_stage1,
+        cfg.epochs_stage1,
+        cfg,
+        log,
+    )
     if not cfg.init_a2_from_stage1:
         with torch.no_grad():
             nn.init.kaiming_uniform_(a.pema_A, a=math.sqrt(5))
@@ -322,8 +329,10 @@ def generate(cfg, log=print, split: str = "test", out_dir: str | None = None) ->
         results[name] = {**_score(cfg, preds, refs), "seconds": round(time.perf_counter() - t0, 1)}
         texts[name] = preds
         log(f"pema: {name}: {results[name]}")
-    samples = [{"input": r.get("input", ""), "reference": r["output"], **{k: texts[k][i] for k in texts}}
-               for i, r in enumerate(test[:5])]  # fmt: skip
+    samples = [
+        {"input": r.get("input", ""), "reference": r["output"], **{k: texts[k][i] for k in texts}}
+        for i, r in enumerate(test[:5])
+    ]
     report = {
         "split": split,
         "pairs": len(test),

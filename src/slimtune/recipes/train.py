@@ -155,15 +155,16 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         f"slimtune: {cfg.method.name} on {cfg.model.name} | {len(train_data)} train / {len(eval_data)} eval "
         f"examples ({fmt}) | trainable {n_train:,} of {n_total:,} params | run dir {run_dir}"
     )
+    data = (train_data, eval_data, eval_records, task)
+    identity, resume = {"base_model": cfg.model.name}, resume_dir is not None
     trainer = Trainer(
-        p.adapted, p.tok, cfg.train, train_data, eval_data, eval_records, task, run_dir,
-        identity={"base_model": cfg.model.name}, resume=resume_dir is not None, config=cfg.to_dict(),
-    )  # fmt: skip
+        p.adapted, p.tok, cfg.train, *data, run_dir, identity=identity, resume=resume, config=cfg.to_dict()
+    )
     try:
-        before = _eval_before(trainer, run_dir, resume_dir is not None, main)
+        before = _eval_before(trainer, run_dir, resume, main)
         if main:
             print_eval("before", before)
-        result = trainer.train(resume=resume_dir is not None)
+        result = trainer.train(resume=resume)
         after = trainer.run_eval()
     finally:
         trainer.close()
@@ -174,17 +175,18 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
         print_samples(before, after)
         facts = {"t0": t0, "runtime_rss_bytes": runtime, "trainable_params": n_train, "total_params": n_total}
         results = _write_results(cfg, p, trainer, result, (before, after), run_dir, facts)
+    _say_trained(result, results["saved"], run_dir)
+    return results
+
+
+def _say_trained(result, saved, run_dir: Path) -> None:
+    per_rank = result.peak_bytes_per_rank
     _say(
         f"trained {result.steps} steps in {result.train_s:.0f} s ({result.tokens / max(result.train_s, 1e-9):.0f} "
         f"tokens/s), peak memory {memory.fmt_bytes(result.peak_bytes)}"
-        + (
-            " per rank: " + ", ".join(memory.fmt_bytes(b) for b in result.peak_bytes_per_rank)
-            if len(result.peak_bytes_per_rank) > 1
-            else ""
-        )
+        + (" per rank: " + ", ".join(memory.fmt_bytes(b) for b in per_rank) if len(per_rank) > 1 else "")
     )
-    _say(f"saved: {results['saved']}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
-    return results
+    _say(f"saved: {saved}  (results: {run_dir / 'results.json'}, logs: {run_dir / 'logs'})")
 
 
 def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: Path, facts: dict) -> dict:

@@ -210,8 +210,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
         else:
             log.warning(
                 "checkpoint '%s' is unusable (%s); resuming from '%s' (step %d)",
-                path, why, found[0], found[1]["step"],
-            )  # fmt: skip
+                path,
+                why,
+                found[0],
+                found[1]["step"],
+            )
     return found
 
 

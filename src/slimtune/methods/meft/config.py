@@ -55,8 +55,13 @@ class MEFTConfig(MethodConfig):
             elif self.n_probe > self.experts:
                 out.append(("n_probe", f"{self.n_probe} must be <= experts ({self.experts})"))
             elif self.n_probe * (self.r // self.experts) < self.k:
-                out.append(("k", f"{self.k} exceeds the candidates per token (n_probe x r/experts = "
-                                  f"{self.n_probe * (self.r // self.experts)})"))  # fmt: skip
+                out.append(
+                    (
+                        "k",
+                        f"{self.k} exceeds the candidates per token (n_probe x r/experts = "
+                        f"{self.n_probe * (self.r // self.experts)})",
+                    )
+                )
         if self.cap and self.cap < self.k:
             out.append(("cap", f"{self.cap} must be 0 or >= k ({self.k})"))
         return out

@@ -75,7 +75,10 @@ class PEMAConfig(MethodConfig):
         out += choice("gu_horizon", self.gu_horizon, ("source", "prompt_and_source"))
         if self.memory_mode == "teacher_forced" and not self.allow_target_disclosure:
             out.append(
-                ("memory_mode", "teacher_forced sends the gold targets to the model owner; set "
-                 "allow_target_disclosure: true to accept that")
-            )  # fmt: skip
+                (
+                    "memory_mode",
+                    "teacher_forced sends the gold targets to the model owner; set "
+                    "allow_target_disclosure: true to accept that",
+                )
+            )
         return out

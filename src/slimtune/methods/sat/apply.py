@@ -17,22 +17,18 @@ from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.sat.config import OmissionSchedule, SATConfig, from_config
 from slimtune.methods.sat.layer import (
-    activation_scores,
     attend,
     attention_forward,
     attn_parts,
     base_weight,
-    choose,
-    head_scores,
     mlp_forward,
     mlp_parts,
-    mlp_scores,
-    n_kept,
     omitted_heads_output,
     omitted_mlp_output,
     omitted_slices,
     sliced_linear,
 )
+from slimtune.methods.sat.selection import activation_scores, choose, head_scores, mlp_scores, n_kept
 from slimtune.modules.arch import decoder_layers, is_attention, is_gated_mlp
 from slimtune.modules.losses import IGNORE
 
@@ -305,7 +301,7 @@ class SATAdapted(Adapted):
         return merged
 
     def bench_facts(self, seq_len: int) -> dict:
-        from slimtune.methods.sat.flops import speed_limit
+        from slimtune.methods.sat.selection import speed_limit
 
         base = self.model.get_base_model() if self.cfg.lora_r else self.model
         return speed_limit(
@@ -329,8 +325,10 @@ def _require_sliceable(model: nn.Module, cfg: SATConfig) -> None:
     """One line naming the module type SAT cannot slice (fused or non-gated MLPs, fused q/k/v projections)."""
     found = {k for _, k, _ in sat_modules(model)}
     layers = decoder_layers(model)
-    needed = {"mlp": "a gated MLP (gate_proj/up_proj/down_proj, or a fused gate_up_proj)",
-              "attn": "an attention with q/k/v/o projections (separate, or a fused qkv_proj)"}  # fmt: skip
+    needed = {
+        "mlp": "a gated MLP (gate_proj/up_proj/down_proj, or a fused gate_up_proj)",
+        "attn": "an attention with q/k/v/o projections (separate, or a fused qkv_proj)",
+    }
     for kind in cfg.targets:
         if kind not in found:
             child = getattr(layers[0], "mlp" if kind == "mlp" else "self_attn", None)
@@ -338,9 +336,13 @@ def _require_sliceable(model: nn.Module, cfg: SATConfig) -> None:
                 child = next((c for n, c in layers[0].named_children() if "att" in n), layers[0])
             raise UserError(
                 f"method sat: cannot slice {type(child).__name__} ({type(model).__name__}): SAT needs "
-                f"{needed[kind]}" + ("; set method.targets: [mlp] to omit MLP channels only" if kind == "attn"
-                                     and "mlp" in found else "")
-            )  # fmt: skip
+                f"{needed[kind]}"
+                + (
+                    "; set method.targets: [mlp] to omit MLP channels only"
+                    if kind == "attn" and "mlp" in found
+                    else ""
+                )
+            )
 
 
 def apply_sat(model: nn.Module, cfg: SATConfig) -> SATAdapted:

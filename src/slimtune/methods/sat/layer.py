@@ -35,7 +35,6 @@ docs/methods/sat.md).
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -358,85 +357,3 @@ def omitted_heads_output(
 
 
 # ---------------------------------------------------------------- importance and the kept set
-
-
-def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    x = x.detach()
-    if mask is not None and mask.shape == x.shape[:-1]:
-        return x[mask.bool()].float()
-    return x.reshape(-1, x.shape[-1]).float()
-
-
-@torch.no_grad()
-def mlp_scores(mlp, x: torch.Tensor, mask: torch.Tensor | None, metric: str) -> torch.Tensor:
-    gate_p, up_p, down_p, _ = mlp_parts(mlp)
-    wg, wu = base_weight(gate_p).float(), base_weight(up_p).float()
-    if metric == "uniform":
-        return torch.ones(wg.shape[0], device=wg.device)
-    if metric == "magnitude":
-        wd = base_weight(down_p).float()
-        return (wg.square().sum(1) + wu.square().sum(1) + wd.square().sum(0)).sqrt()
-    xs = _tokens(x, mask)
-    if metric == "wanda":
-        c = xs.norm(dim=0)
-        return wg.abs() @ c + wu.abs() @ c
-    if metric == "maxip":
-        return (xs @ wg.t()).abs().sum(0)
-    raise ValueError(metric)
-
-
-@torch.no_grad()
-def head_scores(attn, x: torch.Tensor, mask: torch.Tensor | None, metric: str) -> torch.Tensor:
-    hd, groups = attn.head_dim, attn.num_key_value_groups
-    q_p, k_p, v_p, o_p = attn_parts(attn)
-    wq = base_weight(q_p).float()
-    n_heads = wq.shape[0] // hd
-    if metric == "uniform":
-        return torch.ones(n_heads, device=wq.device)
-    wk, wv = base_weight(k_p).float(), base_weight(v_p).float()
-    group_of = torch.arange(n_heads, device=wq.device) // groups
-    if metric == "magnitude":
-        wo = base_weight(o_p).float()
-        per_q = wq.square().sum(1).view(n_heads, hd).sum(1) + wo.square().sum(0).view(n_heads, hd).sum(1)
-        per_kv = (wk.square().sum(1) + wv.square().sum(1)).view(-1, hd).sum(1)
-        return (per_q + per_kv[group_of]).sqrt()
-    xs = _tokens(x, mask)
-    if metric == "wanda":
-        c = xs.norm(dim=0)
-        per_q = (wq.abs() @ c).view(n_heads, hd).sum(1)
-        per_kv = (wk.abs() @ c + wv.abs() @ c).view(-1, hd).sum(1)
-        return per_q + per_kv[group_of]
-    if metric == "maxip":
-        return (xs @ wq.t()).view(xs.shape[0], n_heads, hd).norm(dim=-1).sum(0)
-    raise ValueError(metric)
-
-
-@torch.no_grad()
-def activation_scores(act: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Σ over non-padding tokens of |activation| per neuron: ``act`` is [batch, tokens, neurons]."""
-    return _tokens(act, mask).abs().sum(0)
-
-
-def n_kept(n: int, rate: float, min_keep: int) -> int:
-    """|K| = n - floor(rate * n), at least ``min_keep`` (and at most n)."""
-    return min(n, max(min_keep, n - math.floor(rate * n)))
-
-
-def choose(
-    scores: torch.Tensor, k: int, selection: str, generator: torch.Generator, temperature: float = 1.0
-) -> torch.Tensor:
-    """Sorted indices of the k kept neurons (on the scores' device)."""
-    n = scores.numel()
-    if k >= n:
-        return torch.arange(n, device=scores.device)
-    if selection == "topk":
-        # stable order for ties: the lower index wins
-        order = torch.sort(scores.detach().cpu().double(), descending=True, stable=True).indices
-        idx = order[:k]
-    else:
-        s = scores.detach().cpu().double().clamp(min=0)
-        p = (s + 1e-6 * s.mean()).pow(1.0 / temperature)
-        if not torch.isfinite(p).all() or p.sum() <= 0:
-            p = torch.ones_like(p)
-        idx = torch.multinomial(p, k, replacement=False, generator=generator)
-    return idx.sort().values.to(scores.device)
