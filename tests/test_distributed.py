@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from slimtune.engines.support import DEEPSPEED_METHODS, FSDP_METHODS
+from tests.registry import sharded, trainers
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS = 4
@@ -65,13 +64,13 @@ def _same(method: str, one: tuple[list[float], dict], two: tuple[list[float], di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora", "qlora", "qst", "sat", "pst", "meft"])
+@pytest.mark.parametrize("method", trainers())
 def test_two_ddp_processes_train_like_one(method, tmp_path, tmp_path_factory):
     _same(method, _one_process(method, tmp_path_factory), _run(method, 2, tmp_path / "two"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [*FSDP_METHODS, *BNB])
+@pytest.mark.parametrize("method", [*sharded(), *BNB])
 def test_two_fsdp_processes_train_like_one(method, tmp_path, tmp_path_factory):
     """FSDP2 shards every parameter over the two ranks; the losses and the gathered method state are one
     process's. The second half runs in a new trainer resumed from the checkpoint the first half wrote."""
@@ -82,7 +81,7 @@ def test_two_fsdp_processes_train_like_one(method, tmp_path, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method, stage",
-    [(m, 3) for m in [*DEEPSPEED_METHODS, *BNB]] + [(m, 2) for m in ("full", BNB[0])],
+    [(m, 3) for m in [*sharded(), *BNB]] + [(m, 2) for m in ("full", BNB[0])],
 )
 def test_two_deepspeed_processes_train_like_one(method, stage, tmp_path, tmp_path_factory):
     """DeepSpeed ZeRO partitions AdamW's state and the gradients (stage 3: the parameters too) over the two

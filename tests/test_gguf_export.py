@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from tests.registry import probe_settings, with_feature
 from tests.test_pipeline import run_cfg
 
 from slimtune.cli import main
@@ -89,13 +90,8 @@ def smol_tiny_dir(tmp_path_factory, smol_tok):
     return d
 
 
-MERGING = {
-    "full": {},
-    "lora": {"r": 4},
-    "qlora": {"r": 4, "backend": "torch"},
-    "sat": {"rate": 0.5, "schedule": "constant"},
-    "pst": {"sparsity": 0.5, "init_sparsity": 0.5},
-}
+MERGING = {m: probe_settings(m) for m in with_feature("merge")}
+"""Every method whose merge into a plain HF model the capability probes measured, with the probes' settings."""
 
 
 @needs_converter

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from tests.registry import trainers
 
 from slimtune.capabilities.probes import SETTINGS
 from slimtune.training import config as C
 from slimtune.training.checkpoint import CKPT, DELAY_ENV, PREV, TMP, latest_checkpoint, verify
 
-FAMILIES = ["full", "lora", "qlora", "meft", "sat", "pst", "qst"]
+FAMILIES = trainers()
 STEPS = 8
 
 

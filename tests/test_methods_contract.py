@@ -326,3 +326,11 @@ def test_the_trainer_s_adamw_is_fused_where_it_can_be_and_steps_as_the_default_o
     assert not any(float((a - s).abs().max()) == 0 for a, s in zip(runs[True], start))  # it did step
     meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert not make_adamw([{"params": meta}], 1e-3).defaults.get("fused")
+
+
+def test_every_trainer_method_has_a_contract_row():
+    """A method registered without a row in CASES fails here instead of silently getting no contract test."""
+    from tests.registry import trainers
+
+    rows = {c.values[1] if hasattr(c, "values") else c[1] for c in CASES}
+    assert set(trainers()) <= rows, sorted(set(trainers()) - rows)

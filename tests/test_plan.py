@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tests.registry import sharded, trainers
 
 from slimtune.cli import main
 from slimtune.methods import make_config
@@ -17,7 +18,7 @@ SETTINGS = {
     "qst": {"r": 4, "backend": "torch"},
     "meft": {"r": 256, "k": 8, "experts": 16, "n_probe": 2, "cap": 32},
 }
-METHODS = ["full", "lora", "qlora", "qst", "sat", "pst", "meft"]
+METHODS = trainers()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -206,7 +207,7 @@ def fsdp_config():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora", "qlora", "qst", "sat", "pst"])
+@pytest.mark.parametrize("method", sharded())
 def test_an_fsdp_plan_is_what_rank_0_of_a_real_job_holds(method, tmp_path):
     """`plan --fsdp 2` (fake tensors, a fake process group) against rank 0 of a real 2-process job (real tensors,
     gloo) running the same sharded step: the shards held, gradients and optimizer state are exact; the peak from 5%

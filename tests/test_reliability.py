@@ -11,13 +11,14 @@ import signal
 
 import pytest
 import torch
+from tests.registry import trainers
 
 from slimtune.capabilities.probes import SETTINGS, adapt, batch, trainer_for
 from slimtune.core.errors import UserError
 from slimtune.training.checkpoint import CKPT, MANIFEST, PREV, TMP, latest_checkpoint, load_checkpoint, verify
 from slimtune.training.faults import EXIT_NONFINITE, RunStopped
 
-METHODS = ["full", "lora", "qlora", "qst", "sat", "pst", "pst-wanda", "meft"]
+METHODS = [*trainers(), "pst-wanda"]
 VARIANTS = {"pst-wanda": ("pst", {"score_prior": "wanda"})}  # input statistics gathered in the forward
 
 

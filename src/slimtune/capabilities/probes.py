@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,18 +24,28 @@ import torch
 from torch import nn
 
 from slimtune.core.errors import ConfigError, UserError
-from slimtune.methods import METHODS, TRAINER, get_spec
+from slimtune.methods import METHODS, TRAINER, get_spec, trainer_methods
 from slimtune.methods.base import Adapted
 
 
-def _settings() -> dict[str, tuple[dict, float]]:
-    """(tiny-model settings, learning rate) of every trainer method, from its registry entry."""
-    from slimtune.methods import METHODS, TRAINER
+class _Settings(Mapping):
+    """(tiny-model settings, learning rate) of every trainer method, read from its registry entry when asked (a
+    method registered at run time is probed too)."""
 
-    return {n: (s.probe, s.probe_lr) for n, s in METHODS.items() if s.kind == TRAINER}
+    def __getitem__(self, name: str) -> tuple[dict, float]:
+        spec = METHODS[name]
+        if spec.kind != TRAINER:
+            raise KeyError(name)
+        return spec.probe, spec.probe_lr
+
+    def __iter__(self):
+        return iter(trainer_methods())
+
+    def __len__(self) -> int:
+        return len(trainer_methods())
 
 
-SETTINGS = _settings()
+SETTINGS = _Settings()
 STEPS = 30
 
 
