@@ -24,7 +24,7 @@ FACTORIES = {
 }  # fmt: skip
 HOST = {
     # batches are built on the host; the trainer moves each one to the model's device
-    ("data.py", "collate"),
+    ("data/records.py", "collate"),
     # MEFT keeps keys/values, their moments and the selection on the host by design; only slices travel
     ("methods/meft/layer.py", "select_topk"),
     ("methods/meft/layer.py", "union_rows"),
@@ -79,4 +79,4 @@ def test_the_detector_sees_a_host_tensor():
             torch.randn(1, 4, 8), torch.randn(10, 8), torch.zeros(1, 4, dtype=torch.long)
         )
         collate([([5, 6, 7], [5, 6, 7])], pad_id=0)  # builds the batch on the host (the trainer moves it)
-    assert {(f, fn) for f, fn, _ in mode.found} == {("data.py", "collate")}
+    assert {(f, fn) for f, fn, _ in mode.found} == {("data/records.py", "collate")}

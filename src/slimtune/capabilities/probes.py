@@ -1,13 +1,10 @@
 """What each trainer method does on each decoder family, in each dtype, with each trainer feature: found by
 probing tiny random models (``slimtune.models.families``), never declared by hand.
 
-``probe_family(method, family)`` runs the method contract on a tiny model of the family (apply, identity at
-initialisation, only method tensors change while the real trainer trains, loss falls, save -> load, merge into a
-plain HF model or a clear refusal, greedy generation; SAT's slicing checked against zeroed weights). A method
-that cannot support a family must refuse at ``apply`` with one line; anything else is a failure.
-
-``scripts/capabilities.py`` writes ``docs/capabilities.md`` and ``src/slimtune/capabilities/capabilities.json`` from these
-probes; ``tests/test_capabilities.py`` fails when either is stale; ``slimtune list --matrix`` prints the table.
+``probe_family(method, family)`` runs the method contract on a tiny model of the family (identity at init, only
+method tensors change in the real trainer, loss falls, save -> load, merge or a refusal, generation, the
+method's ``self_check``); a method that cannot support a family refuses at ``apply`` with one line. The matrix
+is written by ``scripts/capabilities.py`` and read by ``render.py``.
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ from slimtune.methods.base import Adapted
 
 
 class _Settings(Mapping):
-    """(tiny-model settings, learning rate) of every trainer method, read from its registry entry when asked (a
-    method registered at run time is probed too)."""
+    """(tiny-model settings, learning rate) of each trainer method, read live from its registry entry."""
 
     def __getitem__(self, name: str) -> tuple[dict, float]:
         spec = METHODS[name]
