@@ -34,8 +34,9 @@ demo: setup
 test: setup-models setup-extras
 	$(BIN)/python -m pytest -q tests
 
+# the unit tier: in-process tests only (no real model, no slimtune processes, no 2-process jobs, no compile)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not real and not slow" tests
+	HYPOTHESIS_PROFILE=fast $(BIN)/python -m pytest -q -m "not real and not slow and not subprocess and not multiprocess and not compile" tests
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -107,3 +107,39 @@ def expected_allocator() -> str:
     """The malloc a slimtune command gets on this machine (what is installed)."""
     env = hostmem.allocator_env(clean_env())
     return next((n for n in hostmem.ALLOCATORS if env and f"lib{n}" in env["LD_PRELOAD"]), "system")
+
+
+# ---- test tiers: markers from what a test does, so `make test-fast` keeps the in-process unit tests
+_PROCESS_WORDS = ("subprocess.", "Popen(", "torchrun", "_run(", "run_one(", "bench(", "_cli_process(")
+_COMPILE_WORDS = ("compile=True", "train.compile", "compile_layers(", "torch.compile(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None:
+            continue
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        module = item.module.__name__.rpartition(".")[2]
+        if (module in ("test_distributed", "test_plan") and "_run(" in src) or "nproc" in src:
+            item.add_marker(pytest.mark.multiprocess)
+        elif module == "test_kill_resume" or any(w in src for w in _PROCESS_WORDS):
+            item.add_marker(pytest.mark.subprocess)
+        if module == "test_compile" or any(w in src for w in _COMPILE_WORDS):
+            item.add_marker(pytest.mark.compile)
+
+
+try:  # hypothesis profiles: the full suite explores more inputs than the fast tier
+    from hypothesis import HealthCheck, settings
+
+    _quiet = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    settings.register_profile("full", max_examples=150, **_quiet)
+    settings.register_profile("fast", max_examples=15, **_quiet)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
+except ImportError:  # (hypothesis comes with the dev extra)
+    pass

@@ -15,7 +15,9 @@ from slimtune.core.errors import ConfigError, UserError
 from slimtune.data.records import detect_format, encode_records, read_records
 from slimtune.training import config as C
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # examples: the profile (conftest)
 
 KEYS = st.sampled_from(
     ["model", "data", "train", "method", "name", "steps", "lr", "r", "task", "path", "batch_size", "dtype",
