@@ -18,10 +18,6 @@ def sharded() -> list[str]:
     return sharded_methods()
 
 
-def four_bit() -> list[str]:
-    return [m for m in trainer_methods() if METHODS[m].four_bit_base]
-
-
 def with_feature(feature: str) -> list[str]:
     """Trainer methods whose committed capability cell for ``feature`` (e.g. ``merge``) is ``yes``."""
     features = load_matrix()["features"]
