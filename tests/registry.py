@@ -1,6 +1,6 @@
 """The per-method test lists, read from the method registry (and, for what the capability probes measured, the
 committed matrix), so a method registered tomorrow is in every DDP, FSDP, DeepSpeed, fault, resume, export and
-plan test without editing a test file. tests/test_registry.py registers one at run time and checks it."""
+plan test without editing a test file. tests/methods/test_registry.py registers one at run time and checks it."""
 
 from __future__ import annotations
 

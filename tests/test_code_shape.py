@@ -210,6 +210,34 @@ def test_the_package_root_holds_at_most_twelve_modules_and_folders():
     assert len(entries) <= MAX_ROOT_ENTRIES, sorted(entries)
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+def unmirrored(pkg: Path, tests: Path) -> list[str]:
+    """The package's root entries (folders and modules besides ``__init__``) with no test folder of their name
+    holding a test file, and the test folders named for no part of the package."""
+    parts = {p.stem for p in pkg.iterdir() if p.name not in ("__init__.py", "__pycache__")}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    missing = [
+        f"tests/{n}/ (for slimtune/{n})" for n in sorted(parts) if not list((tests / n).glob("test_*.py"))
+    ]
+    return missing + [f"tests/{n}/ (no slimtune/{n})" for n in sorted(folders - parts)]
+
+
+def test_test_folders_mirror_the_package():
+    assert unmirrored(PKG, TESTS) == []
+
+
+def test_the_mirror_check_finds_a_part_without_tests(tmp_path):
+    (tmp_path / "pkg" / "newpart").mkdir(parents=True)
+    (tmp_path / "tests" / "stale").mkdir(parents=True)
+    (tmp_path / "tests" / "stale" / "__init__.py").write_text("")
+    assert unmirrored(tmp_path / "pkg", tmp_path / "tests") == [
+        "tests/newpart/ (for slimtune/newpart)",
+        "tests/stale/ (no slimtune/stale)",
+    ]
+
+
 def test_no_file_in_src_is_longer_than_the_limit():
     long = {
         str(p.relative_to(SRC)): n

@@ -3,7 +3,7 @@
 An engine is how the job was launched: ``single`` (one process), ``ddp`` (``torchrun`` or ``accelerate launch
 --multi_gpu``: every rank holds the model, gradients are averaged), ``fsdp`` (FSDP2: ``train.engine: fsdp``, or ``accelerate
 launch --use_fsdp``), ``deepspeed`` (ZeRO-2/3: ``train.engine: deepspeed``, or ``accelerate launch --use_deepspeed``). The status of a pair is ``yes`` (a 2-process
-equivalence test passes on this CPU: tests/test_distributed.py) or ``no`` with the reason and what to use instead.
+equivalence test passes on this CPU: tests/engines/test_distributed.py) or ``no`` with the reason and what to use instead.
 docs/distributed.md shows :func:`render`'s table; a test fails when the two disagree.
 """
 
@@ -21,7 +21,7 @@ ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 def status(method: str, engine: str) -> tuple[bool, str]:
     """(supported, why) for ``method`` under ``engine``: every trainer method runs in one process and under DDP;
     under FSDP2 and DeepSpeed unless its registry entry declares why not (``MethodSpec.sharding``). Each
-    supported pair has a 2-process equivalence test (tests/test_distributed.py reads the same registry)."""
+    supported pair has a 2-process equivalence test (tests/engines/test_distributed.py reads the same registry)."""
     from slimtune.methods import get_spec
 
     if engine in ("single", "ddp"):

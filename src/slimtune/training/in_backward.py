@@ -13,7 +13,7 @@ gradients between backward and the step (SAT, MEFT).
 The optimizer stays one ``torch.optim.AdamW`` over every parameter, so its state, the LR schedule and
 checkpoints are the same as in an ordinary step. Inside the hook only the parameter at hand has a gradient (the
 others were stepped and freed, or are not formed yet), and ``optimizer.step()`` updates exactly the parameters that
-have one: the same per-tensor update, bit for bit (``tests/test_in_backward.py``).
+have one: the same per-tensor update, bit for bit (``tests/training/test_in_backward.py``).
 
 A non-finite gradient cannot be skipped as a whole step (the parameters before it in backward have stepped): the
 hook stops stepping from that parameter on and the trainer stops the run without saving the partly stepped state
