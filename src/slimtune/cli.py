@@ -34,7 +34,6 @@ def _quiet() -> None:
 
 
 def cmd_train(args) -> int:
-    from slimtune.methods import require_trainer
     from slimtune.recipes import train as api
     from slimtune.training import config as C
 
@@ -45,14 +44,12 @@ def cmd_train(args) -> int:
         if args.config:
             args.overrides = [args.config, *args.overrides] if "=" in args.config else args.overrides
         cfg = C.load_config(run / api.RUN_CONFIG, args.overrides)
-        require_trainer(cfg.method.name, "train")
         api.train(cfg, resume_dir=run)
         return 0
     if not args.config:
         raise UserError("train: give a CONFIG.yaml (or --resume RUN_DIR)")
     cfg = C.load_config(args.config, args.overrides)
-    require_trainer(cfg.method.name, "train")  # before the model (and accelerate) load
-    api.train(cfg)
+    api.train(cfg)  # checks the method and engine once, before the model loads
     return 0
 
 

@@ -69,8 +69,8 @@ def test_resume_continues_the_same_run(tiny_model_dir, instr_jsonl, tmp_path, mo
     crashed = tmp_path / "crashed"
     real_prepare = api.prepare
 
-    def crashing_prepare(cfg):
-        p = real_prepare(cfg)
+    def crashing_prepare(cfg, **kwargs):
+        p = real_prepare(cfg, **kwargs)
 
         def boom(step):
             if step == 3:

@@ -114,10 +114,12 @@ def zero_stage(configured: int, env: Mapping[str, str] | None = None) -> int:
     return int(stage)
 
 
-def make_engine(acc, method: str, cfg, resume: bool = False) -> Engine:
-    """The :class:`Engine` this job runs under (:func:`require_supported` for ``method`` first); ``cfg``: the run's
-    :class:`~slimtune.training.config.TrainConfig`. One process is the single engine whatever was configured."""
-    engine = require_supported(method, configured=cfg.engine, mixed_precision=acc.mixed_precision)
+def make_engine(acc, method: str, cfg, resume: bool = False, engine: str | None = None) -> Engine:
+    """The :class:`Engine` this job runs under; ``cfg``: the run's :class:`~slimtune.training.config.TrainConfig`.
+    ``engine``: what :func:`require_supported` returned where the job checked the pair before loading the model;
+    without it the check runs here. One process is the single engine whatever was configured."""
+    if engine is None:
+        engine = require_supported(method, configured=cfg.engine, mixed_precision=acc.mixed_precision)
     if acc.num_processes == 1 or engine in ("single", "ddp"):
         from slimtune.engines.ddp import DDPEngine
 

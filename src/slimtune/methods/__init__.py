@@ -162,9 +162,15 @@ def make_config(name: str, **kwargs) -> MethodConfig:
     return get_spec(name).config_cls(**kwargs)
 
 
-def apply(model: nn.Module, cfg: MethodConfig) -> Adapted:
-    """Prepare ``model`` for training with the method ``cfg`` names. The only place a method touches the model."""
-    spec = require_trainer(cfg.name)
+def apply(model: nn.Module, cfg: MethodConfig, spec: MethodSpec | None = None) -> Adapted:
+    """Prepare ``model`` for training with the method ``cfg`` names. The only place a method touches the model.
+
+    ``spec``: what :func:`require_trainer` returned for ``cfg.name`` where the job checked it before loading the
+    model (`train`, `bench`, `plan`: each check runs once per job); without it the check runs here."""
+    if spec is None:
+        spec = require_trainer(cfg.name)
+    elif spec.name != cfg.name:
+        raise ValueError(f"apply: the spec of {spec.name!r} given for a {cfg.name!r} config")
     missing = spec.missing_packages(cfg)
     if missing:
         raise UserError(

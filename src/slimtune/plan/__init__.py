@@ -87,9 +87,10 @@ def method_runs(methods: str | None, overrides: list[str] | None) -> list[tuple[
 
 
 def _row(config, name: str, settings: dict, batch: int, seq: int, opts: dict, budget, gpu) -> PlanRow:
-    from slimtune.methods import make_config
+    from slimtune.methods import METHODS, make_config
 
-    trace = trace_step(config, make_config(name, **settings), batch, seq, **opts)
+    # the method was checked once, by method_runs; each of the many traces of a search reuses its spec
+    trace = trace_step(config, make_config(name, **settings), batch, seq, spec=METHODS[name], **opts)
     return row_from_trace(trace, batch, seq, budget, gpu)
 
 

@@ -200,13 +200,15 @@ def trace_step(
     fsdp: int = 1,
     fused_adamw: bool = True,
     optimizer_in_backward: bool = False,
+    spec=None,
 ) -> Trace:
     """Build ``config``'s model in ``dtype``, apply ``method_cfg`` and trace two steps: on fake tensors (the
     plan), or with ``fake=False`` on real ones (the same tracker and step, to check the plan on small models).
     ``fsdp`` N > 1: shard the model over N ranks with the trainer's FSDP2 code and trace rank 0 (on a fake
     process group when ``fake``, on the job's real one otherwise). ``fused_adamw``: the trainer's AdamW (False:
     PyTorch's default ``foreach`` step, which the trainer ran before 2026-12-05). ``optimizer_in_backward``: each
-    parameter steps inside backward and its gradient is freed there (``train.optimizer_in_backward``)."""
+    parameter steps inside backward and its gradient is freed there (``train.optimizer_in_backward``).
+    ``spec``: the method's spec where the caller checked it once for many traces (:func:`slimtune.methods.apply`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from slimtune.modules.quant.nf4 import dynamic_map_8bit
@@ -222,7 +224,12 @@ def trace_step(
         if fake:
             for mode in (FakeTensorMode(allow_non_fake_inputs=True), UnknownValues(), fake_moves()):
                 stack.enter_context(mode)
-        opts = {"grad_checkpointing": grad_checkpointing, "chunked_loss": chunked_loss, "mesh": mesh}
+        opts = {
+            "grad_checkpointing": grad_checkpointing,
+            "chunked_loss": chunked_loss,
+            "mesh": mesh,
+            "spec": spec,
+        }
         opts |= {"fused_adamw": fused_adamw, "optimizer_in_backward": optimizer_in_backward}
         trace = _trace(config, method_cfg, batch, seq_len, dtype, grad_accum, **opts)
     trace.seconds = time.perf_counter() - t0
@@ -253,7 +260,7 @@ def _mesh(world: int, fake: bool):
         dist.destroy_process_group()
 
 
-def _adapted(config, method_cfg, dtype, grad_checkpointing, mesh):
+def _adapted(config, method_cfg, dtype, grad_checkpointing, mesh, spec=None):
     """The method applied to ``config``'s model (sharded over ``mesh``), and the bytes this rank holds by role."""
     from transformers import AutoModelForCausalLM
 
@@ -262,7 +269,7 @@ def _adapted(config, method_cfg, dtype, grad_checkpointing, mesh):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    adapted = apply(model, method_cfg)
+    adapted = apply(model, method_cfg, spec)
     if grad_checkpointing:
         enable_checkpointing(adapted)
     held = adapted.memory_report()
@@ -288,11 +295,12 @@ def _trace(
     mesh=None,
     fused_adamw=True,
     optimizer_in_backward=False,
+    spec=None,
 ) -> Trace:
     from slimtune.training.optim import make_adamw
     from slimtune.training.setup import loss_function
 
-    adapted, held = _adapted(config, method_cfg, dtype, grad_checkpointing, mesh)
+    adapted, held = _adapted(config, method_cfg, dtype, grad_checkpointing, mesh, spec)
     optimizer = make_adamw(adapted.param_groups(0.0), 1e-4, fused=fused_adamw and mesh is None)
     if optimizer_in_backward:
         from slimtune.training.in_backward import StepInBackward

@@ -21,8 +21,10 @@ from slimtune.engines.support import require_supported
 from slimtune.methods import PLAIN, make_config, require_trainer
 from slimtune.methods import apply as apply_method
 from slimtune.methods.base import Adapted
+from slimtune.methods.spec import MethodSpec
 from slimtune.models import loading as models
 from slimtune.training import config as C
+from slimtune.training import setup
 from slimtune.training.evaluate import EvalResult
 from slimtune.training.trainer import Trainer
 
@@ -71,10 +73,13 @@ class Prepared:
     tok: object
 
 
-def prepare(cfg: C.RunConfig, loader: Callable[[], tuple] | None = None) -> Prepared:
+def prepare(
+    cfg: C.RunConfig, loader: Callable[[], tuple] | None = None, spec: MethodSpec | None = None
+) -> Prepared:
     """Set threads, seed, load the model on the default device (or call ``loader`` for (model, tokenizer): the
     bench's random-weight shapes) and apply the method, in that order, so a seed gives the same initialisation
-    on every path. `slimtune train`, `eval`, `generate`, `export` and `bench` all start here."""
+    on every path. `slimtune train`, `eval`, `generate`, `export` and `bench` all start here. ``spec``: the
+    method's spec where the job already checked it (:func:`~slimtune.methods.apply`)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -82,7 +87,7 @@ def prepare(cfg: C.RunConfig, loader: Callable[[], tuple] | None = None) -> Prep
         model, tok = models.load(cfg.model.name, cfg.model.dtype, device=models.default_device())
     else:
         model, tok = loader()
-    adapted = apply_method(model, cfg.method)
+    adapted = apply_method(model, cfg.method, spec)
     hostmem.release_free_memory()  # what loading and quantizing freed (weight-sized buffers)
     return Prepared(adapted, tok)
 
@@ -133,10 +138,11 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     """
     from accelerate import PartialState
 
-    spec = require_trainer(cfg.method.name, "train")  # a workflow (PEMA) is refused before anything loads
-    require_supported(  # and a pair the engine cannot run
-        cfg.method.name, configured=cfg.train.engine, mixed_precision=cfg.train.mixed_precision
-    )
+    # the job's checks, each run once and before anything loads: a workflow (PEMA) is refused, and a method x
+    # engine pair the launch cannot run; the spec and the engine's name are handed on, not checked again
+    spec = require_trainer(cfg.method.name, "train")
+    precision = setup.precision(cfg.train.mixed_precision)
+    engine = require_supported(cfg.method.name, configured=cfg.train.engine, mixed_precision=precision)
     state = PartialState(cpu=not torch.cuda.is_available())  # MULTI_CPU (gloo) under torchrun on CPUs
     main = state.is_main_process
     say = _say if main else (lambda *_: None)
@@ -145,7 +151,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     task = get_task(cfg.data.task) if cfg.data.task else None
     # before the model exists: what any job in this process carries (with the libraries the method imports)
     runtime = memory.runtime_rss_bytes(spec.needs + cfg.method.needs())
-    p = prepare(cfg)
+    p = prepare(cfg, spec=spec)
     train_data, eval_data, eval_records, fmt = load_split(cfg.data, p.tok)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +164,15 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     data = (train_data, eval_data, eval_records, task)
     identity, resume = {"base_model": cfg.model.name}, resume_dir is not None
     trainer = Trainer(
-        p.adapted, p.tok, cfg.train, *data, run_dir, identity=identity, resume=resume, config=cfg.to_dict()
+        p.adapted,
+        p.tok,
+        cfg.train,
+        *data,
+        run_dir,
+        identity=identity,
+        resume=resume,
+        config=cfg.to_dict(),
+        engine=engine,
     )
     try:
         before = _eval_before(trainer, run_dir, resume, main)

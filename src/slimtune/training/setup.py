@@ -18,13 +18,17 @@ from slimtune.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
+def precision(mixed_precision: str) -> str:
+    """``train.mixed_precision`` as the accelerator runs it: ``auto`` is bf16 on CUDA, none elsewhere."""
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mixed_precision
+
+
 def make_accelerator(mixed_precision: str):
     from accelerate import Accelerator
 
-    mp = mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=precision(mixed_precision), cpu=not torch.cuda.is_available())
 
 
 def enable_checkpointing(adapted: Adapted) -> None:

@@ -60,11 +60,13 @@ class Trainer:
         identity: dict | None = None,
         resume: bool = False,
         config: dict | None = None,
+        engine: str | None = None,
     ):
         """``hold_schedules``: the run length is unknown to the method (``total_steps = None``: schedules hold
         their first rung, as benchmarks need). ``identity`` (``base_model``, ...): written into each checkpoint
         and checked on resume. ``resume``: read ``run_dir``'s newest checkpoint into the whole model before it
-        is placed; :meth:`restore` continues from it. ``config``: the run's settings, for the trackers."""
+        is placed; :meth:`restore` continues from it. ``config``: the run's settings, for the trackers. ``engine``:
+        the engine's name where the job already checked the method x engine pair (`slimtune train`)."""
         self.adapted, self.tok, self.cfg, self.task = adapted, tok, cfg, task
         self.train_data, self.eval_data, self.eval_records = train, evald, eval_records
         self.run_dir = Path(run_dir)
@@ -72,7 +74,7 @@ class Trainer:
         # the set-up, in order: accelerator and engine, what trains, memory settings, compilation, placement
         # (after any checkpoint is read), AdamW over the placed parameters, the loss, the data
         self.acc = accelerator or setup.make_accelerator(cfg.mixed_precision)
-        self.engine = make_engine(self.acc, adapted.cfg.name, cfg, resume)
+        self.engine = make_engine(self.acc, adapted.cfg.name, cfg, resume, engine)
         adapted.total_steps = None if hold_schedules else cfg.steps
         setup.check_trainable(adapted)
         setup.apply_memory_settings(adapted, cfg)
