@@ -337,3 +337,13 @@ def test_the_private_access_check_finds_one():
         "b.py": ast.parse("def f(trainer):\n    return trainer._per_rank()\n"),
     }
     assert foreign_private_access(files) == ["b.py:2 ._per_rank"]
+
+
+MAX_ADAPTED_METHODS = 23  # the trainer's surface; state I/O lives in methods/state.py, logging in trackers
+
+
+def test_adapted_stays_focused():
+    tree = ast.parse((PKG / "methods" / "base.py").read_text(encoding="utf-8"))
+    adapted = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Adapted")
+    defs = [f.name for f in adapted.body if isinstance(f, ast.FunctionDef)]
+    assert len(defs) <= MAX_ADAPTED_METHODS, defs

@@ -22,6 +22,7 @@ from torch import nn
 
 from slimtune.core.errors import ConfigError, UserError
 from slimtune.methods import METHODS, TRAINER, get_spec, trainer_methods
+from slimtune.methods import state as method_state
 from slimtune.methods.base import Adapted
 
 
@@ -132,10 +133,7 @@ def _contract(method: str, family: str, a) -> None:
 
 def _round_trip(method: str, family: str, a) -> None:
     data = batch(seed=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        a.save(tmp)
-        b = adapt(method, family)
-        b.load(tmp)
+    b = method_state.round_trip(a, adapt(method, family))
     b.model.eval()
     got, want = b.model(**data).logits, a.model(**data).logits
     _check(
@@ -208,10 +206,7 @@ def _dtype_run(method: str, dtype: torch.dtype) -> None:
     _check(all(torch.isfinite(torch.tensor(losses))), f"non-finite loss: {losses[-3:]}")
     _check(losses[-1] < 0.95 * losses[0], f"loss did not fall by 5%: {losses[0]:.3f} -> {losses[-1]:.3f}")
     low = float(a.model(**data).loss)
-    with tempfile.TemporaryDirectory() as tmp:
-        a.save(tmp)
-        b = adapt(method, "llama")
-        b.load(tmp)
+    b = method_state.round_trip(a, adapt(method, "llama"))
     full = float(b.model.eval()(**data).loss)
     _check(abs(full - low) <= 0.05 * low, f"fp32 reload: eval loss {full:.3f} vs {low:.3f} in {dtype}")
 

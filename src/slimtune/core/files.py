@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,9 +99,9 @@ def write_atomic(path: str | Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def save_atomic(adapted, out_dir: str | Path, extra_config: dict | None = None) -> Path:
-    """``adapted.save(out_dir)`` published by rename: ``out_dir`` appears complete or not at all (a previous
-    copy is replaced only once the new one is written)."""
+def publish_dir(out_dir: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(directory)`` published by rename: ``out_dir`` appears complete or not at all (a previous copy is
+    replaced only once the new one is written)."""
     import shutil
 
     out = Path(out_dir)
@@ -108,7 +109,7 @@ def save_atomic(adapted, out_dir: str | Path, extra_config: dict | None = None) 
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
-    adapted.save(tmp, extra_config)
+    write(tmp)
     for f in tmp.iterdir():
         fsync_file(f)
     if out.exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,13 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from slimtune.core.errors import UserError
-from slimtune.core.files import read_json, read_tensors
 from slimtune.core.memory import TrafficCounter, module_bytes_by_role
 from slimtune.core.schema import Checked
-
-STATE_FILE = "method_state.safetensors"
-CONFIG_FILE = "slimtune_config.json"
+from slimtune.methods import state as state_io
+from slimtune.methods.state import STATE_FILE, require_complete
 
 
 @dataclass
@@ -50,7 +46,7 @@ class Adapted:
     """
 
     state_file: ClassVar[str] = STATE_FILE
-    """The safetensors file :meth:`save` writes in its directory (LoRA: peft's ``adapter_model.safetensors``)."""
+    """The safetensors file :meth:`write_tensors` writes (LoRA: peft's ``adapter_model.safetensors``)."""
 
     def __init__(self, model: nn.Module, cfg: MethodConfig):
         self.model = model
@@ -107,80 +103,31 @@ class Adapted:
         device in the common case; a method with gradients outside ``.grad`` (MEFT's rows) overrides."""
         return first_nonfinite_grad(self.named_trainable_parameters())
 
-    def extra_state_scalars(self) -> dict[str, float]:
-        """Numbers from ``extra_state`` worth logging each step (e.g. a current omission rate)."""
-        return {
-            f"method/{k}": v
-            for k, v in self.extra_state.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-
     # ---- state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that define this method's result (trainable and any method buffers)."""
         return {n: p.detach() for n, p in self.named_trainable_parameters()}
 
-    def require_complete(self, state: dict[str, torch.Tensor]) -> None:
-        """Raise if ``state`` lacks any tensor this method's ``state_dict`` has."""
-        missing = [n for n in self.state_dict() if n not in state]
-        if missing:
-            raise KeyError(
-                f"method '{self.cfg.name}' state is missing {len(missing)} tensors, e.g. {missing[:3]}"
-            )
-
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
-        self.require_complete(state)
+        require_complete(self, state)
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].dtype))
 
     def save(self, out_dir: str | Path, extra_config: dict | None = None) -> Path:
-        """Write ``method_state.safetensors`` + ``slimtune_config.json`` (method config, base model, extras)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / STATE_FILE))
-        meta = {"method": self.cfg.to_dict(), "extra_state": self.extra_state, **(extra_config or {})}
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        return out
+        """Write the method's state to ``out_dir`` (:func:`slimtune.methods.state.save`: the format and checks)."""
+        return state_io.save(self, out_dir, extra_config)
 
     def load(self, in_dir: str | Path) -> None:
-        """Read what :meth:`save` wrote into this method; a damaged file, another method's state or a tensor
-        of the wrong shape (another model or settings) is one :class:`UserError` naming the file."""
-        in_dir = Path(in_dir)
-        meta = read_json(in_dir / CONFIG_FILE)
-        saved = meta.get("method", {}).get("name") if isinstance(meta.get("method"), dict) else None
-        if saved != self.cfg.name:
-            raise UserError(f"'{in_dir}': holds the state of method '{saved}', not of '{self.cfg.name}'")
-        state = read_tensors(in_dir / self.state_file)
-        self.check_state(state, in_dir / self.state_file)
-        self.load_state_dict(state)
-        self.extra_state.update(meta.get("extra_state", {}))
+        """Read what :meth:`save` wrote (:func:`slimtune.methods.state.load`: one error naming a bad file)."""
+        state_io.load(self, in_dir)
 
-    def check_state(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
-        """Raise a :class:`UserError` naming ``source`` unless ``state`` has exactly this method's tensors
-        (:meth:`state_dict`) with their shapes."""
-        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [
-            f"{k} {tuple(state[k].shape)} vs {own[k]}"
-            for k in own
-            if k in state and tuple(state[k].shape) != own[k]
-        ]
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} of this method's tensors missing (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})")
-        if shapes:
-            problems.append(f"{len(shapes)} tensors of another shape (e.g. {shapes[0]}, saved vs model)")
-        if problems:
-            raise UserError(
-                f"'{source}': does not fit method '{self.cfg.name}' on this model: {'; '.join(problems)} "
-                "(saved from another model, method or settings?)"
-            )
+    def write_tensors(self, out: Path) -> None:
+        """Write :meth:`state_dict` into ``out`` as :attr:`state_file` (:func:`slimtune.methods.state.save`
+        adds the config beside it; LoRA writes peft's own files instead)."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(out / self.state_file))
 
     def merge(self) -> nn.Module:
         """A plain HF model with the method folded in (where the method allows it)."""

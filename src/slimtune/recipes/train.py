@@ -14,7 +14,7 @@ import torch
 
 from slimtune.core import hostmem, memory
 from slimtune.core.errors import UserError
-from slimtune.core.files import read_json, save_atomic, write_atomic
+from slimtune.core.files import publish_dir, read_json, write_atomic
 from slimtune.data.records import load_split
 from slimtune.data.tasks import get_task
 from slimtune.engines.support import require_supported
@@ -206,7 +206,8 @@ def _say_trained(result, saved, run_dir: Path) -> None:
 def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: Path, facts: dict) -> dict:
     """Save the trained method to ``<run>/final``; write and return ``<run>/results.json``."""
     before, after = evals
-    final = save_atomic(p.adapted, run_dir / FINAL, {"base_model": cfg.model.name, "dtype": cfg.model.dtype})
+    base = {"base_model": cfg.model.name, "dtype": cfg.model.dtype}
+    final = publish_dir(run_dir / FINAL, lambda out: p.adapted.save(out, base))
     mem = p.adapted.memory_report()
     mem["optimizer"] = memory.optimizer_bytes(trainer.optimizer)
     results = {

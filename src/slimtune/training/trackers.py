@@ -124,8 +124,11 @@ class StepProgress:
         self.bar = tqdm(total=total, initial=initial, desc="train", disable=not main, dynamic_ncols=True)
         self.first_loss, self.last_loss, self.tokens = float("nan"), float("nan"), 0
 
-    def step(self, step: int, loss: float, tokens: int, dt: float, peak: int, extra: dict) -> None:
-        """``extra``: more of the step's record (learning rate, gradient norm, the method's scalars)."""
+    def step(
+        self, step: int, loss: float, tokens: int, dt: float, peak: int, extra: dict, method: dict
+    ) -> None:
+        """``extra``: more of the step's record (learning rate, gradient norm); ``method``: the method's
+        ``extra_state``, whose numbers are logged as ``method/<key>`` (e.g. SAT's current omission rate)."""
         from slimtune.core.memory import fmt_bytes
 
         self.first_loss = loss if math.isnan(self.first_loss) else self.first_loss
@@ -135,6 +138,7 @@ class StepProgress:
         if step % self.log_every == 0 or step == self.total:
             record = {"step": step, "loss": loss, "lr": extra.pop("lr"), "grad_norm": extra.pop("grad_norm")}
             record |= {"tokens_per_s": tokens / dt, "step_time_s": dt, "peak_bytes": peak, **extra}
+            record |= {f"method/{k}": v for k, v in method.items() if type(v) in (int, float)}
             self.run_log.log(record)
 
     def close(self) -> None:

@@ -205,8 +205,8 @@ class Trainer:
                 now = time.perf_counter()
                 dt, t_prev = now - t_prev, now
                 extra = {"lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
-                extra |= self.adapted.extra_state_scalars()
-                progress.step(self.step, loss, tokens, dt, memory.device_peak_bytes(device), extra)
+                peak = memory.device_peak_bytes(device)
+                progress.step(self.step, loss, tokens, dt, peak, extra, self.adapted.extra_state)
                 self._periodic(signals)
             progress.close()
             self.save_checkpoint()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slimtune.methods.base import CONFIG_FILE, Adapted
+from slimtune.methods.base import Adapted
 from slimtune.methods.baselines.config import FullConfig, LoraMethodConfig, QLoraMethodConfig
 from slimtune.methods.baselines.fused import fuse_lora_forwards
 from slimtune.modules.quant.backbone import dequantized_weight, is_4bit, quantize_decoder
@@ -55,13 +54,8 @@ class LoraAdapted(Adapted):
         if unexpected:
             raise KeyError(f"unexpected LoRA tensors: {unexpected[:3]}")
 
-    def save(self, out_dir: str | Path, extra_config: dict | None = None) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(out))
-        meta = {"method": self.cfg.to_dict(), "extra_state": self.extra_state, **(extra_config or {})}
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        return out
+    def write_tensors(self, out: Path) -> None:
+        self.model.save_pretrained(str(out))  # adapter_config.json + adapter_model.safetensors
 
     def merge(self) -> nn.Module:
         merged = copy.deepcopy(self.model).merge_and_unload()

@@ -15,6 +15,7 @@ from slimtune.methods.base import Adapted, first_nonfinite_grad
 from slimtune.methods.meft.config import MEFTConfig
 from slimtune.methods.meft.layer import MEFTLayer, MEFTRun
 from slimtune.methods.meft.store import LayerStore
+from slimtune.methods.state import require_complete
 from slimtune.modules.arch import layer_mlps
 
 
@@ -103,7 +104,7 @@ class MEFTAdapted(Adapted):
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.require_complete(state)
+        require_complete(self, state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state.items():

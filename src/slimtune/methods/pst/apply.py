@@ -15,6 +15,7 @@ from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted
 from slimtune.methods.pst.config import PSTConfig
 from slimtune.methods.pst.layer import PSTLinear
+from slimtune.methods.state import require_complete
 from slimtune.modules.losses import IGNORE
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class PSTAdapted(Adapted):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         buffers = dict(self.model.named_buffers())
-        self.require_complete(state)
+        require_complete(self, state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for k, v in state.items():
