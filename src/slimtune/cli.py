@@ -193,8 +193,8 @@ def _add_run_commands(sub) -> None:
             s.add_argument("--task", help="evaluate on this built-in task instead of the run's data")
             s.add_argument(
                 "--eval-size",
-                type=int,
-                help="held-out examples to score (default: the run's data.eval_size; 200 with --task)",
+                type=_eval_size,
+                help="held-out examples to score, or 'all' (default: the run's data.eval_size; 200 with --task)",
             )
             s.add_argument("--samples", type=int, default=3, help="generations to show")
             s.add_argument("--json", help="also write the metrics to this file")
@@ -252,11 +252,41 @@ def _add_bench_command(sub) -> None:
     b.set_defaults(fn=cmd_bench)
 
 
+def cmd_compare(args) -> int:
+    from slimtune.recipes.compare import compare
+
+    md, failed = compare(args.spec, args.out)
+    print(
+        f"slimtune compare: table {md}"
+        + (f"; {len(failed)} run(s) failed: {', '.join(failed)}" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def _add_compare_command(sub) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="methods x tasks x seeds as ordinary runs; a table of means +- standard errors (resumable)",
+    )
+    c.add_argument("spec", help="a YAML: model, tasks, seeds, methods (config files), set (for every run)")
+    c.add_argument("--out", help="directory of the comparison (default: the spec's output_dir)")
+    c.set_defaults(fn=cmd_compare)
+
+
 def workflows():
     """Registry entries of the methods that are not one training run, each with the recipe of its command."""
     from slimtune.methods import METHODS, WORKFLOW
 
     return [s for s in METHODS.values() if s.kind == WORKFLOW]
+
+
+def _eval_size(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of examples or 'all'") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -272,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(sub)
     _add_run_commands(sub)
     _add_bench_command(sub)
+    _add_compare_command(sub)
     from slimtune.plan.command import add_command as add_plan_command
 
     add_plan_command(sub)

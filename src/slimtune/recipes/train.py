@@ -267,22 +267,24 @@ def evaluate_target(
     run_dir: str | Path | None,
     model: str | None = None,
     task: str | None = None,
-    eval_size: int | None = None,
+    eval_size: int | str | None = None,
     samples: int = 3,
 ) -> EvalResult:
     """`slimtune eval`: a run on its own held-out data (or ``task``), or a bare model on ``task``; prints the
-    result and ``samples`` generations. ``eval_size`` overrides how many held-out examples are scored."""
+    result and ``samples`` generations. ``eval_size`` overrides how many held-out examples are scored ('all':
+    the whole held-out set)."""
     from slimtune.training.evaluate import evaluate
 
-    if eval_size is not None and eval_size < 1:
+    if isinstance(eval_size, int) and eval_size < 1:
         raise UserError(f"--eval-size: {eval_size} must be a positive number of examples")
+    size = None if eval_size == "all" else eval_size  # data.eval_size None: every held-out example
     cfg, p = load_target(run_dir, model)
     if task:
-        data_cfg = C.DataConfig(task=task, eval_size=200 if eval_size is None else eval_size)
+        data_cfg = C.DataConfig(task=task, eval_size=200 if eval_size is None else size)
     elif cfg is None:
         raise UserError("eval: give --task with --model")
     else:
-        data_cfg = cfg.data if eval_size is None else dataclasses.replace(cfg.data, eval_size=eval_size)
+        data_cfg = cfg.data if eval_size is None else dataclasses.replace(cfg.data, eval_size=size)
     _, evald, records, _ = load_split(data_cfg, p.tok)
     task_obj = get_task(data_cfg.task) if data_cfg.task else None
     res = evaluate(p.adapted, p.tok, evald, records, task_obj, batch_size=8, num_samples=samples)
