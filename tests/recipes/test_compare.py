@@ -149,6 +149,11 @@ def test_compare_runs_resumes_and_never_reruns_a_finished_cell(tiny_model_dir, t
     ]
     assert row["score"]["mean"] == pytest.approx(statistics.fmean(a["accuracy"] for a in accs))
     assert accs[0]["examples"] == 500  # the full held-out set, not data.eval_size's 200
+    s0 = out / "runs" / "lora-sentiment-s0"  # evaluated once, after training: the base is scored apart
+    assert (
+        json.loads((s0 / "results.json").read_text())["before"] is None
+        and not (s0 / "eval_before.json").exists()
+    )
     base = json.loads((out / "base" / "sentiment.json").read_text())
     assert base["examples"] == 500
     capsys.readouterr()

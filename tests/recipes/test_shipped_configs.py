@@ -17,10 +17,11 @@ from slimtune.training import config as C
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 PLANS = sorted((ROOT / "benchmarks").glob("*.yaml"))
+COMPARISONS = sorted((ROOT / "benchmarks" / "compare").glob("*.yaml"))
 
 
 def test_the_repository_ships_configs_and_plans():
-    assert len(CONFIGS) >= 10 and len(PLANS) >= 3
+    assert len(CONFIGS) >= 10 and len(PLANS) >= 3 and COMPARISONS
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -33,6 +34,15 @@ def test_shipped_config_validates(path):
 def test_shipped_bench_plan_validates(path):
     plan = plan_from_args(None, str(path), [])
     assert plan.runs and all(r["method"] in METHODS or r["method"] == "nf4-forward" for r in plan.runs)
+
+
+@pytest.mark.parametrize("path", COMPARISONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_comparison_validates(path, monkeypatch):
+    from slimtune.recipes.compare import load_spec
+
+    monkeypatch.chdir(ROOT)  # its output_dir and config paths read from the repository root
+    comp = load_spec(path)
+    assert len(comp.cells()) == len(comp.entries) * len(comp.tasks) * len(comp.seeds) and len(comp.seeds) >= 3
 
 
 def test_a_broken_copy_of_a_shipped_config_fails(tmp_path):

@@ -26,9 +26,15 @@ from slimtune.training import config as C
 
 SPEC_KEYS = ("model", "tasks", "seeds", "methods", "set", "output_dir")
 ENTRY_KEYS = ("config", "set", "label")
-EVERY_CELL = ["data.eval_size=null", "data.seed=0", "train.eval_every=0", "train.num_generations=1"]
-"""What every cell gets: the full held-out set of one fixed split (the seed varies the run, not the data) and
-no evaluation between the first and the last."""
+EVERY_CELL = [
+    "data.eval_size=null",
+    "data.seed=0",
+    "train.eval_every=0",
+    "train.eval_before=false",
+    "train.num_generations=1",
+]
+"""What every cell gets: the full held-out set of one fixed split (the seed varies the run, not the data),
+evaluated once, after training (the base model is scored once per task instead of before every run)."""
 
 
 @dataclass

@@ -120,8 +120,11 @@ def _param_counts(adapted: Adapted) -> tuple[int, int]:
     return n_train, n_total
 
 
-def _eval_before(trainer: Trainer, run_dir: Path, resumed: bool, main: bool) -> EvalResult:
-    """The evaluation before training (read back when a resumed run already has it)."""
+def _eval_before(trainer: Trainer, run_dir: Path, resumed: bool, main: bool) -> EvalResult | None:
+    """The evaluation before training (read back when a resumed run already has it; None: ``eval_before``
+    is off)."""
+    if not trainer.cfg.eval_before:
+        return None
     path = run_dir / "eval_before.json"
     if resumed and path.is_file():
         return EvalResult(**read_json(path))
@@ -176,7 +179,7 @@ def train(cfg: C.RunConfig, resume_dir: Path | None = None) -> dict:
     )
     try:
         before = _eval_before(trainer, run_dir, resume, main)
-        if main:
+        if main and before is not None:
             print_eval("before", before)
         result = trainer.train(resume=resume)
         after = trainer.run_eval()
@@ -215,7 +218,7 @@ def _write_results(cfg, p: Prepared, trainer: Trainer, result, evals, run_dir: P
         "model": cfg.model.name,
         "task": cfg.data.task,
         "steps": result.steps,
-        "before": before.summary(),
+        "before": before.summary() if before is not None else None,
         "after": after.summary(),
         "train_loss_first": result.first_loss,
         "train_loss_last": result.last_loss,

@@ -131,6 +131,9 @@ class TrainConfig(Checked):
     parameters too)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
+    eval_before: bool = True
+    """Evaluate before training too (the before/after lines; ``results.json`` ``before``). false skips it where
+    the base model is scored apart, as `slimtune compare` does once per task."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     log_every: int = 1
