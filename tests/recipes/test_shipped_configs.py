@@ -3,6 +3,7 @@ configs in CI), and a workflow method (PEMA) is refused by `train` and `bench` b
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,43 @@ def test_apply_names_a_missing_package(monkeypatch):
     with pytest.raises(UserError, match="method sat needs"):
         apply(tiny_llama(), make_config("sat", lora_r=4))
     assert apply(tiny_llama(), make_config("sat")).cfg.lora_r == 0  # SAT without LoRA does not need peft
+
+
+TRAINER_CONFIGS = [p for p in CONFIGS if METHODS[C.load_config(p).method.name].kind == TRAINER]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TRAINER_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_config_trains_three_steps_without_a_nonfinite_step(path, tiny_model_dir, tmp_path):
+    """Each shipped trainer config, at its own learning rate and method settings, on the tiny model: three steps
+    with ``on_nonfinite: stop`` (a NaN/inf loss or gradient ends the run with RunStopped, failing the test)."""
+    from slimtune.recipes import train as api
+
+    small = [
+        "train.steps=3",
+        "train.batch_size=2",
+        "data.train_size=16",
+        "data.eval_size=4",
+        "data.max_length=256",
+    ]
+    where = [
+        f"model.name={tiny_model_dir}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.on_nonfinite=stop",
+    ]
+    quiet = [
+        "train.num_generations=0",
+        "train.eval_before=false",
+        "train.report_to=[jsonl]",
+        "train.warmup_steps=0",
+    ]
+    cfg = C.load_config(path, [*small, *where, *quiet])
+    # the tiny model's 64-wide hidden state (4 heads of 16) leaves QST's r 16 a side head of one dimension:
+    # the shape, not the training settings, is what r sets here
+    shape = ["method.r=4"] if cfg.method.name == "qst" else []
+    res = api.train(C.load_config(path, [*small, *where, *quiet, *shape]))
+    assert (
+        res["steps"] == 3
+        and math.isfinite(res["train_loss_last"])
+        and math.isfinite(res["after"]["eval_loss"])
+    )
