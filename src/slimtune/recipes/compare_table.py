@@ -71,12 +71,11 @@ def base_scores(comp) -> dict[str, dict]:
 def rows(comp) -> list[Row]:
     """One row per (method entry, task), over the seeds finished so far, with baseline and base-model columns."""
     by_key: dict[tuple[str, str], Row] = {}
+    finished = [(c, r) for c in comp.cells() if (r := _results(c))]  # each results.json read once
     for entry in comp.entries:
         for task in comp.tasks:
             metric = get_task(task).metric_name
-            done = [
-                (c.seed, r) for c in comp.cells() if c.entry is entry and c.task == task if (r := _results(c))
-            ]
+            done = [(c.seed, r) for c, r in finished if c.entry is entry and c.task == task]
             after = [r["after"] for _, r in done]
             by_key[entry.label, task] = Row(
                 entry.label,
