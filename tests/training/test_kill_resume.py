@@ -150,6 +150,10 @@ def reference(tmp: Path, model_dir: Path, data: Path, method: str, **train) -> P
 def check_same_run(straight: Path, crashed: Path) -> None:
     want, got = step_losses(straight), step_losses(crashed)
     assert sorted(want) == list(range(1, len(want) + 1)) and got == want, (want, got)
+    # the result covers the whole run, not the last process's part of it
+    want_res, got_res = (json.loads((r / "results.json").read_text()) for r in (straight, crashed))
+    for key in ("train_loss_first", "train_loss_last", "tokens", "steps"):
+        assert got_res[key] == want_res[key], key
     a, b = final_state(straight), final_state(crashed)
     assert a.keys() == b.keys()
     different = [k for k in a if not (a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()))]

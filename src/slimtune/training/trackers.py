@@ -12,6 +12,8 @@ import importlib.util
 import json
 import math
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "jsonl")
@@ -113,16 +115,64 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
+@dataclass
+class TrainResult:
+    """A run's training, over all its processes when it was resumed (``StepProgress.state`` carries the totals
+    through each checkpoint)."""
+
+    steps: int
+    train_s: float
+    tokens: int
+    first_loss: float
+    last_loss: float
+    peak_bytes: int
+    peak_bytes_per_rank: list[int] = field(default_factory=list)
+    evals: dict[int, dict] = field(default_factory=dict)
+
+
 class StepProgress:
     """The progress bar of a run (main process) and its per-step record in the run log every ``log_every``
-    steps and at the last; the run's first and last loss and its tokens, for the result."""
+    steps and at the last; the run's first and last loss, tokens, training time and peak, for the result —
+    continued from ``restored`` (a checkpoint's :meth:`state`) when the run resumes, so a resumed run reports
+    the whole run."""
 
-    def __init__(self, run_log: RunLog, total: int, initial: int, log_every: int, main: bool):
+    def __init__(
+        self,
+        run_log: RunLog,
+        total: int,
+        initial: int,
+        log_every: int,
+        main: bool,
+        restored: dict | None = None,
+    ):
         from tqdm.auto import tqdm
 
         self.run_log, self.total, self.log_every = run_log, total, log_every
         self.bar = tqdm(total=total, initial=initial, desc="train", disable=not main, dynamic_ncols=True)
-        self.first_loss, self.last_loss, self.tokens = float("nan"), float("nan"), 0
+        r = restored or {}
+        self.first_loss, self.last_loss = r.get("first_loss", math.nan), r.get("last_loss", math.nan)
+        self.tokens, self.peak, self.prior_s = (
+            r.get("tokens", 0),
+            r.get("peak_bytes", 0),
+            r.get("train_s", 0.0),
+        )
+        self.t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training time so far: the earlier processes' (through the checkpoint this one resumed) and this one's."""
+        return self.prior_s + time.perf_counter() - self.t_start
+
+    def state(self) -> dict:
+        """The totals through the current step, for a checkpoint."""
+        keys = ("first_loss", "last_loss", "tokens", "peak")
+        first, last, tokens, peak = (getattr(self, k) for k in keys)
+        return {
+            "first_loss": first,
+            "last_loss": last,
+            "tokens": tokens,
+            "peak_bytes": peak,
+            "train_s": self.elapsed(),
+        }
 
     def step(
         self, step: int, loss: float, tokens: int, dt: float, peak: int, extra: dict, method: dict
@@ -132,7 +182,7 @@ class StepProgress:
         from slimtune.core.memory import fmt_bytes
 
         self.first_loss = loss if math.isnan(self.first_loss) else self.first_loss
-        self.last_loss, self.tokens = loss, self.tokens + tokens
+        self.last_loss, self.tokens, self.peak = loss, self.tokens + tokens, max(self.peak, peak)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:.0f}", mem=fmt_bytes(peak))
         if step % self.log_every == 0 or step == self.total:

@@ -8,7 +8,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,21 +24,9 @@ from slimtune.training.evaluate import EvalResult, evaluate
 from slimtune.training.faults import StopSignals, stopped_by
 from slimtune.training.nonfinite import NonFiniteSteps
 from slimtune.training.optim import make_adamw, make_scheduler
-from slimtune.training.trackers import RunLog, StepProgress
+from slimtune.training.trackers import RunLog, StepProgress, TrainResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    train_s: float
-    tokens: int
-    first_loss: float
-    last_loss: float
-    peak_bytes: int
-    peak_bytes_per_rank: list[int] = field(default_factory=list)
-    evals: dict[int, dict] = field(default_factory=dict)
 
 
 class Trainer:
@@ -89,7 +76,7 @@ class Trainer:
         self.stream = BatchStream(
             train, cfg.batch_size, tok.pad_token_id, cfg.seed, self.acc.process_index, self.acc.num_processes
         )
-        self.step = 0
+        self.step, self.progress, self._progress_restored = 0, None, None
         self.nonfinite = NonFiniteSteps(cfg.on_nonfinite, self.run_dir, self.engine)
         self.run_log = RunLog(run_dir, cfg.report_to, config, main=self.acc.is_main_process)
 
@@ -187,6 +174,7 @@ class Trainer:
         self._resumed.set_rng()
         state = self._resumed.state
         self.step, self.nonfinite.skipped = state["step"], state.get("skipped_steps", 0)
+        self._progress_restored = state.get("progress")  # the totals through that step (older: none)
         self.stream.restore(state["data"])
         log.warning("resumed %s at step %d", self.run_dir, self.step)
 
@@ -197,8 +185,10 @@ class Trainer:
             self.restore()
         self.model.train()
         main, device = self.acc.is_main_process, self.acc.device
-        progress = StepProgress(self.run_log, self.cfg.steps, self.step, self.cfg.log_every, main)
-        t_start = t_prev = time.perf_counter()
+        progress = StepProgress(
+            self.run_log, self.cfg.steps, self.step, self.cfg.log_every, main, self._progress_restored
+        )
+        self.progress, t_prev = progress, time.perf_counter()
         with StopSignals() as signals:
             while self.step < self.cfg.steps:
                 loss, tokens, grad_norm = self.train_step()
@@ -213,11 +203,11 @@ class Trainer:
         peak = memory.device_peak_bytes(device)
         return TrainResult(
             steps=self.step,
-            train_s=time.perf_counter() - t_start,
+            train_s=progress.elapsed(),
             tokens=progress.tokens,
             first_loss=progress.first_loss,
             last_loss=progress.last_loss,
-            peak_bytes=peak,
+            peak_bytes=max(peak, progress.peak),
             peak_bytes_per_rank=self.engine.per_rank(peak),
         )
 
@@ -242,6 +232,7 @@ class Trainer:
             if self.acc.is_main_process:
                 state = {"step": self.step, "data": data_state or self.stream.state()}
                 state["skipped_steps"] = self.skipped
+                state["progress"] = self.progress.state() if self.progress else None
                 what = (self.adapted, self.optimizer, self.scheduler, state, self.identity, optimizer_state)
                 save_checkpoint(self.run_dir, *what)
         self.acc.wait_for_everyone()  # no rank reads it, or stops, before it is complete

@@ -2,13 +2,15 @@
 
 The adapter is a forward hook on the MLP module plus a ``meft_adapter`` submodule holding the router, so the base
 model's state-dict names are unchanged. With values at 0 the model starts exactly at the base model. After the
-trainer's optimizer step (which updates the routers), the stores' lazy Adam updates the touched rows.
+trainer's optimizer step (which updates the routers), the stores' lazy Adam updates the touched rows. Before the
+first training forward, ``calibrate`` fixes the input scale (``method.input_norm``), saved with the adapter.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from slimtune.core.errors import UserError
 from slimtune.methods.base import Adapted, first_nonfinite_grad
@@ -76,6 +78,8 @@ class MEFTAdapted(Adapted):
         return found or next(bad, None)
 
     def on_step_end(self, step: int) -> None:
+        if self.run.calibrated and not is_fake(self.run.input_scale):  # a plan's trace has no values
+            self.extra_state["input_scale"] = round(float(self.run.input_scale), 4)
         rows = self.run.rows
         if rows:
             self.extra_state["rows_per_layer"] = round(sum(rows) / len(rows), 1)
@@ -94,6 +98,7 @@ class MEFTAdapted(Adapted):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {n: p.detach() for n, p in super().named_trainable_parameters()}
+        out[INPUT_SCALE] = self.run.input_scale
         for i, st in enumerate(self.stores):
             out[f"meft_store.{i}.keys"] = st.keys.data
             out[f"meft_store.{i}.values"] = st.values.data
@@ -105,8 +110,11 @@ class MEFTAdapted(Adapted):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         require_complete(self, state)
+        state = dict(state)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
+            self.run.input_scale = state.pop(INPUT_SCALE).detach().clone().float().cpu()
+            self.run.calibrated = True
             for name, value in state.items():
                 if not name.startswith("meft_store."):
                     params[name].copy_(value)
@@ -143,7 +151,7 @@ def apply_meft(model: nn.Module, cfg: MEFTConfig) -> MEFTAdapted:
     pin = torch.cuda.is_available()
     for p in model.parameters():
         p.requires_grad_(False)
-    run, stores = MEFTRun(), []
+    run, stores = MEFTRun(cfg.input_norm), []
     adapted = MEFTAdapted(model, cfg, stores, run)
     for i, mlp in enumerate(mlps):
         store = LayerStore(cfg.r, d, std, gen, pin)
@@ -154,9 +162,34 @@ def apply_meft(model: nn.Module, cfg: MEFTConfig) -> MEFTAdapted:
     def pre_forward(module, args, kwargs):
         run.cache.clear()
         run.token_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if not run.calibrated and module.training and torch.is_grad_enabled():
+            calibrate(module, args, kwargs, run)
 
     model.register_forward_pre_hook(pre_forward, with_kwargs=True)
     return adapted
+
+
+INPUT_SCALE = "meft_input_scale"
+
+
+def calibrate(model: nn.Module, args, kwargs, run: MEFTRun) -> None:
+    """Before the first training forward: one forward without gradients that only measures the mean L2 norm of
+    the MLP inputs (non-padding tokens, every layer; averaged over the ranks of a data-parallel job, so every
+    replica gets the same factor), and c = ``input_norm`` / that mean from then on (saved with the adapter).
+    The adapter adds nothing during the pass, so it measures the base model's MLP inputs."""
+    run.norms = [torch.zeros((), dtype=torch.float64, device="cpu") for _ in range(2)]  # host statistics
+    try:
+        with torch.no_grad():  # `forward`, not the call: the model's hooks (this one, a memory tracker's) see
+            model.forward(*args, **kwargs)  # one forward per step; its layers' hooks see a reused module
+        stats = torch.stack(run.norms)
+    finally:
+        run.norms = None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats, group=_host_group())
+    run.input_scale = (run.input_norm / (stats[0] / stats[1].clamp_min(1))).float()
+    run.calibrated = True
 
 
 _HOST_GROUP: list = []

@@ -34,13 +34,18 @@ class MEFTConfig(MethodConfig):
     """Router row i starts at this times the mean of expert i's keys (the reference's choice)."""
     train_keys: bool = True
     """Train keys and router too (false: values only)."""
+    input_norm: float = 4.0
+    """The mean L2 norm the adapter sees its input (the MLP input) at: one factor for the whole model, measured
+    once on the first training batch (0 = the raw input). The adapter's change per step grows with the square of
+    its input's norm (key activation x router gate), so without it the learning rate that trains depends on the
+    model: SmolLM2-135M's MLP inputs average 3.9, Qwen2.5-0.5B's 43 (docs/methods/meft.md)."""
     dense_emulation: bool = False
     """Adam-update every row every step (torch AdamW on the dense, masked adapter: the reference code's GPU
     simulation) instead of only the touched rows (lazy Adam, the default)."""
 
     def check(self) -> list[Problem]:
         out = positive(self, "r", "k", "n_probe", "router_scale")
-        out += positive(self, "experts", "cap", "init_std", allow_zero=True)
+        out += positive(self, "experts", "cap", "init_std", "input_norm", allow_zero=True)
         out += choice("semantics", self.semantics, ("mask", "union"))
         if self.k > self.r:
             out.append(("k", f"{self.k} must be <= r ({self.r})"))

@@ -4,8 +4,9 @@ Per layer and micro-batch (training and eval alike):
 1. the FFN input x (non-padding tokens) goes to the host (D2H: T·d elements, plus the router logits);
 2. the host selects each token's top-K neurons (``select_topk`` below) and their union S (optionally capped);
 3. keys[S], values[S] are copied to the compute device as fresh leaf tensors (H2D: 2·|S|·d·4 bytes);
-4. out = FFN(x) + ReLU(a) ⊙ M · values[S], with a = (x keys[S]ᵀ) (⊙ router gate) and M each token's own selections
-   (``semantics: mask``) or all of S (``union``);
+4. out = FFN(x) + ReLU(a) ⊙ M · values[S], with a = (c·x keys[S]ᵀ) (⊙ router gate of c·x) and M each token's own
+   selections (``semantics: mask``) or all of S (``union``); c is one factor for the model, ``input_norm`` / the
+   mean MLP-input norm of the first training batch (1 with ``input_norm: 0``);
 5. in backward, hooks on the two leaves index-add their gradients into the host buffers (D2H: 2·|S|·d·4 bytes);
 6. after the trainer's optimizer step (which updates the router), the store's lazy Adam updates the touched rows.
 
@@ -84,9 +85,13 @@ def union_rows(sel: Selection, r: int, cap: int = 0) -> tuple[torch.Tensor, torc
 
 class MEFTRun:
     """State shared by the layers: the micro-batch's token mask, per-layer gathered slices (cached so a
-    checkpointed recomputation uses the same rows), and per-step statistics."""
+    checkpointed recomputation uses the same rows), per-step statistics, and the input scale (``input_norm``)."""
 
-    def __init__(self):
+    def __init__(self, input_norm: float = 0.0):
+        self.input_norm = input_norm
+        self.input_scale = torch.ones((), device="cpu")  # the adapter computes on c·x (c: see ``calibrate``)
+        self.calibrated = not input_norm  # without a target norm there is nothing to measure
+        self.norms: list[torch.Tensor] | None = None  # [sum of token norms, tokens] while calibrating
         self.token_mask: torch.Tensor | None = None
         self.cache: dict[int, tuple] = {}
         self.device_bytes = 0  # compute-device adapter bytes of the current step (slices + their gradients)
@@ -155,6 +160,11 @@ class MEFTLayer(nn.Module):
         )
         if valid is None:
             valid = torch.ones(xf.shape[0], dtype=torch.bool, device=x.device)
+        if self.run.norms is not None:  # the calibration pass: measure the input, add nothing
+            self.run.norms[0] += xf.detach()[valid].float().norm(dim=-1).sum().cpu()
+            self.run.norms[1] += valid.sum().cpu()
+            return torch.zeros_like(x)
+        c = self.run.input_scale.to(x.device)
         # the router keeps its own (fp32) dtype whatever the model's; its logits gate in the model's dtype
         logits = self.router(xf.to(self.router.weight.dtype)) if self.router is not None else None
         cached = self.run.cache.get(self.index) if self.training else None
@@ -164,10 +174,12 @@ class MEFTLayer(nn.Module):
                 self.run.cache[self.index] = cached
         s, ks, vs, sel_rows, cols, rows, probe = cached
         dev = x.device
-        a = xf @ ks.to(xf.dtype).t()  # [T, |S|]
+        a = (
+            xf @ ks.to(xf.dtype).t()
+        ) * c  # [T, |S|]: (c·x) keys[S]ᵀ; the selection is the same for any c > 0
         if logits is not None:
             nk = self.cfg.r // self.cfg.experts
-            gate = logits[:, (s // nk).to(dev)].to(a.dtype)
+            gate = (logits[:, (s // nk).to(dev)] * c).to(a.dtype)  # the router's logits of c·x
             if self.cfg.semantics == "union":  # unprobed experts contribute 0
                 probed = torch.zeros(xf.shape[0], self.cfg.experts, dtype=torch.bool, device=dev)
                 probed[rows.to(dev)[:, None], probe.to(dev)] = True
