@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from slimtune.data.records import IGNORE, collate
 from slimtune.data.tasks import TASKS
 from slimtune.recipes import train as api
 from slimtune.training.evaluate import _ids, _prompts
@@ -23,17 +24,20 @@ for run in sys.argv[1:]:
     a.model.eval()
     eos = [tok.eos_token_id]
     choice_ids = [_ids(tok, c) + eos for c in task.choices]
-    scores = []  # [n, choices]: summed log-prob of each choice (and the end token) after the prompt
+    rows = []  # (prompt + choice + end token, labels on the choice and end token), choices of a review adjacent
+    for prompt in _prompts(tok, records):
+        pr = _ids(tok, prompt)
+        rows += [(pr + c, [IGNORE] * len(pr) + c) for c in choice_ids]
+    flat = []  # summed log-prob of each row's labelled tokens
     with torch.no_grad():
-        for prompt in _prompts(tok, records):
-            pr = _ids(tok, prompt)
-            row = []
-            for c in choice_ids:
-                ids = torch.tensor([pr + c])
-                logp = a.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-                tgt = ids[0, 1:]
-                row.append(float(logp[len(pr) - 1 :].gather(-1, tgt[len(pr) - 1 :, None]).sum()))
-            scores.append(row)
+        for i in range(0, len(rows), 16):
+            b = collate(rows[i : i + 16], tok.pad_token_id)
+            logp = a.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            logp, labels = logp[:, :-1].log_softmax(-1), b["labels"][:, 1:]
+            picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            flat += (picked * (labels != IGNORE)).sum(-1).tolist()
+    k = len(task.choices)
+    scores = [flat[n * k : (n + 1) * k] for n in range(len(records))]
     s = torch.tensor(scores)
     pred = s.argmax(1)
     gold = torch.tensor([task.choices.index(r["output"]) for r in records])
