@@ -68,10 +68,42 @@ def test_two_entries_of_one_method_need_labels(tmp_path, capsys):
     assert [e.label for e in cmp.load_spec(spec).entries] == ["lora", "lora-r8"]
 
 
-def test_a_workflow_method_is_refused_with_its_command(tmp_path, capsys):
-    pema = _config(tmp_path, "pema", {"method": {"name": "pema"}})
-    assert main(["compare", str(_spec(tmp_path, methods=[str(pema)]))]) == 2
-    assert "slimtune pema" in capsys.readouterr().err
+PEMA = {
+    "method": {"name": "pema", "r": 8, "max_new_tokens": 2, "epochs_stage1": 1, "epochs_stage2": 1},
+    "train": {"output_dir": "anywhere"},
+}
+
+
+def test_a_workflow_cell_gets_its_own_seed_and_none_of_the_trainer_settings(tmp_path, capsys):
+    pema = {"config": str(_config(tmp_path, "pema", PEMA)), "tasks": ["sentiment"]}
+    lora = str(_config(tmp_path, "lora", LORA))
+    comp = cmp.load_spec(_spec(tmp_path, tasks=["sentiment", "arith"], methods=[lora, pema]))
+    names = [c.name for c in comp.cells()]
+    assert names[:3] == ["lora-sentiment-s0", "pema-sentiment-s0", "lora-arith-s0"] and len(names) == 9
+    raw = comp.cell_raw(comp.cells()[1])
+    assert raw["method"]["seed"] == 0 and raw["data"]["eval_size"] is None  # its seed key; the full eval set
+    assert raw["train"] == {"output_dir": str(tmp_path / "out" / "runs" / "pema-sentiment-s0")}  # no steps
+    assert comp.baseline(comp.entries[1]).label == "lora"
+    bad = _spec(tmp_path, methods=[lora, {**pema, "tasks": ["trivia"]}])
+    assert main(["compare", str(bad)]) == 2
+    assert "methods[1].tasks: 'trivia' is not one of the spec's tasks" in capsys.readouterr().err
+
+
+@pytest.mark.subprocess
+def test_a_workflow_cell_runs_its_steps_and_joins_the_table(tiny_model_dir, tmp_path):
+    pema = _config(tmp_path, "pema", PEMA, tiny_model_dir)
+    spec = _spec(tmp_path, model=str(tiny_model_dir), tasks=["trivia"], seeds=[0], methods=[str(pema)])
+    assert main(["compare", str(spec)]) == 0
+    run = tmp_path / "out" / "runs" / "pema-trivia-s0"
+    generated = json.loads((run / "generate" / "results.json").read_text())
+    res = json.loads((run / "results.json").read_text())
+    gu = generated["results"]["pema_gu"]["contains"]
+    assert gu is not None and res["after"]["contains"] == gu  # PEMA with Gradual Unrolling
+    assert res["after"]["examples"] == generated["pairs"]
+    trained = json.loads((run / "adapter" / "train.json").read_text())
+    assert res["peak_bytes"] == trained["peak_rss_bytes"] and res["train_wall_s"] == trained["seconds"]
+    row = json.loads((tmp_path / "out" / "compare.json").read_text())["rows"][0]
+    assert row["method"] == "pema" and row["score"]["mean"] == gu
 
 
 def test_cells_get_the_model_task_seed_and_the_full_eval_set(tmp_path):
@@ -133,6 +165,7 @@ def test_a_partial_comparison_tabulates_what_finished(tmp_path):
     assert "| lora | 1 | 0.800 |" in compare_table.write(comp).read_text()
 
 
+@pytest.mark.subprocess
 def test_compare_runs_resumes_and_never_reruns_a_finished_cell(tiny_model_dir, tmp_path, capsys):
     lora = _config(tmp_path, "lora", {**LORA, "train": {"lr": 1e-2, "save_every": 1}}, tiny_model_dir)
     spec = _spec(tmp_path, model=str(tiny_model_dir), seeds=[0, 1], methods=[str(lora)])

@@ -43,7 +43,9 @@ def test_shipped_comparison_validates(path, monkeypatch):
 
     monkeypatch.chdir(ROOT)  # its output_dir and config paths read from the repository root
     comp = load_spec(path)
-    assert len(comp.cells()) == len(comp.entries) * len(comp.tasks) * len(comp.seeds) and len(comp.seeds) >= 3
+    per_seed = sum(len(e.tasks or comp.tasks) for e in comp.entries)
+    assert len(comp.cells()) == per_seed * len(comp.seeds) and len(comp.seeds) >= 3
+    assert {e.method for e in comp.entries} == set(METHODS)  # every method, PEMA included
 
 
 def test_a_broken_copy_of_a_shipped_config_fails(tmp_path):

@@ -6,9 +6,14 @@ A spec names the model, the tasks, the seeds and the methods (each a shipped or 
 `slimtune train` run in a process of its own under ``OUTPUT_DIR/runs/<label>-<task>-s<seed>``, scored on the
 task's **full** held-out set; the base model is scored once per task (``OUTPUT_DIR/base/<task>.json``).
 
+A workflow method (PEMA: its own command and training loop) takes part through its recipe's ``compare_cell``: its
+steps run in order on the cell's config, which gets the cell's model, task, seed (the method's own seed key) and
+run directory, the spec's ``data.*`` and ``model.*`` overrides, but no ``train.*`` ones (its loop has its own
+epochs and batches), and the recipe writes the cell's ``results.json`` in a trainer run's shape.
+
 A killed comparison continues where it stopped: a finished cell (``results.json``) is read, not re-run; a cell
 with a checkpoint resumes from it (`train --resume`); a cell that left files but no checkpoint is moved aside
-(``<cell>.incomplete-N``: nothing is deleted) and starts again. ``compare.json``, ``compare.md`` and
+(``<cell>.incomplete-N``: nothing is deleted) and starts again (a workflow cell always starts again). ``compare.json``, ``compare.md`` and
 ``compare.png`` are rewritten after every cell, so a long comparison can be committed as it goes.
 """
 
@@ -20,12 +25,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from slimtune.core.errors import UserError
-from slimtune.methods import WORKFLOW, baseline_of, get_spec
+from slimtune.core.files import write_atomic
+from slimtune.methods import METHODS, WORKFLOW, baseline_of, get_spec
 from slimtune.training import config as C
 
 SPEC_KEYS = ("model", "tasks", "seeds", "methods", "set", "output_dir")
-ENTRY_KEYS = ("config", "set", "label")
+ENTRY_KEYS = ("config", "set", "label", "tasks")
 EVERY_CELL = [
     "data.eval_size=null",
     "data.seed=0",
@@ -45,6 +53,12 @@ class Entry:
     config: Path
     overrides: list[str]
     method: str
+    tasks: list[str] | None = None
+    """The spec's tasks this method runs on (None: all)."""
+
+    @property
+    def workflow(self) -> bool:
+        return get_spec(self.method).kind == WORKFLOW
 
 
 @dataclass
@@ -79,12 +93,25 @@ class Comparison:
 
     def cells(self) -> list[Cell]:
         """Every method at one seed before the next seed, so a partial table already covers every method."""
-        return [Cell(e, t, s, self.out) for s in self.seeds for t in self.tasks for e in self.entries]
+        return [
+            Cell(e, t, s, self.out)
+            for s in self.seeds
+            for t in self.tasks
+            for e in self.entries
+            if e.tasks is None or t in e.tasks
+        ]
+
+    def cell_raw(self, cell: Cell) -> dict:
+        """The cell's config as written: the entry's file with the spec's, the entry's and the cell's overrides."""
+        seed_key = get_spec(cell.entry.method).instead.get("seed", "train.seed")  # a workflow's own seed
+        where = [f"model.name={self.model}", f"data.task={cell.task}", f"{seed_key}={cell.seed}"]
+        every = [*self.every, *cell.entry.overrides, *where, *EVERY_CELL, f"train.output_dir={cell.run_dir}"]
+        if cell.entry.workflow:  # its own loop: the trainer's settings do not apply
+            every = [o for o in every if not o.startswith("train.") or o.startswith("train.output_dir=")]
+        return C.merge(C.read_yaml(cell.entry.config), C.parse_overrides(every))
 
     def cell_config(self, cell: Cell) -> C.RunConfig:
-        where = [f"model.name={self.model}", f"data.task={cell.task}", f"train.seed={cell.seed}"]
-        tail = [*where, *EVERY_CELL, f"train.output_dir={cell.run_dir}"]
-        return C.load_config(cell.entry.config, [*self.every, *cell.entry.overrides, *tail])
+        return C.from_dict(self.cell_raw(cell))
 
     def baseline(self, entry: Entry) -> Entry | None:
         """The entry of ``entry``'s baseline method (its own where it is one), or None where the spec has none."""
@@ -120,11 +147,21 @@ def _entry(path: Path, i: int, raw, every: list[str]) -> Entry:
     if not config.is_file():
         raise _fail(path, f"{key}.config", f"'{raw['config']}': no such file")
     overrides = _strings(path, f"{key}.set", raw.get("set", []), empty_ok=True)
-    method = C.load_config(config, [*every, *overrides]).method.name  # a bad key or value fails here
-    spec = get_spec(method)
-    if spec.kind == WORKFLOW:
-        raise _fail(path, key, f"{method} runs through `{spec.command}`, not `train`; compare it apart")
-    return Entry(str(raw.get("label") or method), config, overrides, method)
+    tasks = _strings(path, f"{key}.tasks", raw["tasks"]) if "tasks" in raw else None
+    raw_method = C.read_yaml(config).get("method")
+    method = raw_method.get("name") if isinstance(raw_method, dict) else None
+    if method is not None and method in METHODS and get_spec(method).kind == WORKFLOW:
+        if not hasattr(_recipe(method), "compare_cell"):
+            raise _fail(path, key, f"{method} has no comparison cell; compare it apart")
+    else:  # a trainer's config, with every override (a bad key or value fails here)
+        method = C.load_config(config, [*every, *overrides]).method.name
+    return Entry(str(raw.get("label") or method), config, overrides, method, tasks)
+
+
+def _recipe(method: str):
+    import importlib
+
+    return importlib.import_module(get_spec(method).recipe)
 
 
 def load_spec(path: str | Path, out: str | Path | None = None) -> Comparison:
@@ -152,6 +189,10 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> Comparison:
     twice = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
     if twice:
         raise _fail(path, "methods", f"two entries labelled {twice[0]!r}: give one a label:")
+    for i, e in enumerate(comp.entries):
+        other = sorted(set(e.tasks or []) - set(comp.tasks))
+        if other:
+            raise _fail(path, f"methods[{i}].tasks", f"{other[0]!r} is not one of the spec's tasks")
     for cell in comp.cells():
         comp.cell_config(cell)  # every cell's config is checked before the first runs
     return comp
@@ -186,6 +227,8 @@ def run_cell(comp: Comparison, cell: Cell, say=print) -> str:
     if (cell.run_dir / "results.json").is_file():
         return "done"
     log = comp.out / "logs" / f"{cell.name}.log"
+    if cell.entry.workflow:
+        return _run_workflow_cell(comp, cell, log, say)
     if (cell.run_dir / "checkpoint").is_dir():
         code, how = _cli(["train", "--resume", str(cell.run_dir)], log), "resumed"
     else:
@@ -198,6 +241,22 @@ def run_cell(comp: Comparison, cell: Cell, say=print) -> str:
         code, how = _cli(["train", str(cell.config_path)], log), "ran"
     return (
         how if code == 0 and (cell.run_dir / "results.json").is_file() else f"failed (exit {code}, see {log})"
+    )
+
+
+def _run_workflow_cell(comp: Comparison, cell: Cell, log: Path, say) -> str:
+    """A workflow method's cell: its recipe's steps from the start (what a stopped one left is moved aside)."""
+    if cell.run_dir.exists() and any(cell.run_dir.iterdir()):
+        say(f"compare: {cell.name}: a stopped run's files moved to {_set_aside(cell.run_dir)}")
+    cell.config_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cell.config_path, yaml.safe_dump(comp.cell_raw(cell), sort_keys=False))  # only what it sets
+    code = _recipe(cell.entry.method).compare_cell(
+        cell.config_path, cell.run_dir, lambda args: _cli(args, log)
+    )
+    return (
+        "ran"
+        if code == 0 and (cell.run_dir / "results.json").is_file()
+        else f"failed (exit {code}, see {log})"
     )
 
 

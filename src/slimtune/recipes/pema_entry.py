@@ -40,6 +40,44 @@ def run_command(args) -> int:
     return 0
 
 
+def compare_cell(config, run_dir, run) -> int:
+    """`slimtune compare`'s cell: the three steps on ``config`` (whose ``train.output_dir`` is ``run_dir``), each
+    through ``run`` (a `slimtune` argument list -> exit code), then ``run_dir/results.json`` in a trainer run's
+    shape: ``after`` holds the score of PEMA with Gradual Unrolling on the held-out pairs (its constant-λ and
+    base scores beside it), ``train_wall_s`` and ``peak_bytes`` are the data owner's training (``adapter/
+    train.json``: the process that holds no model). Returns the first failing step's exit code, or 0."""
+    import json
+    from pathlib import Path
+
+    from slimtune.core.files import read_json, write_atomic
+
+    for step in ("build-memory", "train", "generate"):
+        code = run([PEMAConfig.name, step, str(config)])
+        if code:
+            return code
+    run_dir = Path(run_dir)
+    trained, generated = (
+        read_json(run_dir / "adapter" / "train.json"),
+        read_json(run_dir / "generate" / "results.json"),
+    )
+    scores = generated["results"]
+    result = {
+        "method": PEMAConfig.name,
+        "after": {**_scores(scores["pema_gu"]), "examples": generated["pairs"]},
+        "pema_constant": _scores(scores["pema_constant"]),
+        "base_greedy": _scores(scores["base"]),
+        "train_wall_s": trained["seconds"],
+        "peak_bytes": trained["peak_rss_bytes"],
+        "peak_is": "the data owner's training process (no model loaded)",
+    }
+    write_atomic(run_dir / "results.json", json.dumps(result, indent=2))
+    return 0
+
+
+def _scores(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "seconds"}
+
+
 def probe_family(family: str) -> None:
     """PEMA's owner side: the exported head reproduces the model's logits from the final-layer states (checked
     inside ``export_head``), and λ = 0 generation equals the model's own greedy generation."""
