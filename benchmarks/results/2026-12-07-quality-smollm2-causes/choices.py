@@ -2,7 +2,9 @@
 split by the reference label, for trained runs of the comparison and the base model.
 
     .venv/bin/python benchmarks/results/2026-12-07-quality-smollm2-causes/choices.py RUN_DIR... > choices.json
-    (a RUN_DIR of `base` scores the untrained model)
+    (a RUN_DIR of `base` scores the untrained model; RUN_DIR@alpha1 a QST run with its output mix alpha set to 1,
+    i.e. its 4-bit backbone alone; RUN_DIR@noside a QST run with its side network's upsample U zeroed, i.e. the
+    trained alpha scaling the backbone's final state alone)
 """
 
 import json
@@ -19,8 +21,19 @@ task = TASKS["sentiment"]
 _, records = task.load(0)
 out = {}
 for run in sys.argv[1:]:
-    _, p = api.load_target(None, "smollm2-135m") if run == "base" else api.load_target(run, None)
+    path, _, variant = run.partition("@")
+    _, p = api.load_target(None, "smollm2-135m") if path == "base" else api.load_target(path, None)
     a, tok = p.adapted, p.tok
+    changed = 0
+    with torch.no_grad():
+        for name, param in a.model.named_parameters():
+            if variant == "alpha1" and name.endswith("qst.alpha"):
+                param.fill_(1.0)
+                changed += 1
+            if variant == "noside" and (name.endswith("qst.up.weight") or name.endswith("qst.up.bias")):
+                param.zero_()
+                changed += 1
+    assert changed == {"": 0, "alpha1": 1, "noside": 2}[variant], (run, changed)
     a.model.eval()
     eos = [tok.eos_token_id]
     choice_ids = [_ids(tok, c) + eos for c in task.choices]
