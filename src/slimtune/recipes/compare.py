@@ -13,8 +13,9 @@ epochs and batches), and the recipe writes the cell's ``results.json`` in a trai
 
 A killed comparison continues where it stopped: a finished cell (``results.json``) is read, not re-run; a cell
 with a checkpoint resumes from it (`train --resume`); a cell that left files but no checkpoint is moved aside
-(``<cell>.incomplete-N``: nothing is deleted) and starts again (a workflow cell always starts again). ``compare.json``, ``compare.md`` and
-``compare.png`` are rewritten after every cell, so a long comparison can be committed as it goes.
+(``<cell>.incomplete-N``: nothing is deleted) and starts again (a workflow cell always starts again).
+``compare.json``, ``compare.md`` and ``compare.png`` are rewritten after every cell, so a long comparison can be
+committed as it goes.
 """
 
 from __future__ import annotations
@@ -239,9 +240,13 @@ def run_cell(comp: Comparison, cell: Cell, say=print) -> str:
         cell.config_path.parent.mkdir(parents=True, exist_ok=True)
         C.save_config(comp.cell_config(cell), cell.config_path)
         code, how = _cli(["train", str(cell.config_path)], log), "ran"
-    return (
-        how if code == 0 and (cell.run_dir / "results.json").is_file() else f"failed (exit {code}, see {log})"
-    )
+    return _status(cell, code, how, log)
+
+
+def _status(cell: Cell, code: int, how: str, log: Path) -> str:
+    """``how`` when the cell's process succeeded and left its results.json, else why not."""
+    ok = code == 0 and (cell.run_dir / "results.json").is_file()
+    return how if ok else f"failed (exit {code}, see {log})"
 
 
 def _run_workflow_cell(comp: Comparison, cell: Cell, log: Path, say) -> str:
@@ -253,11 +258,7 @@ def _run_workflow_cell(comp: Comparison, cell: Cell, log: Path, say) -> str:
     code = _recipe(cell.entry.method).compare_cell(
         cell.config_path, cell.run_dir, lambda args: _cli(args, log)
     )
-    return (
-        "ran"
-        if code == 0 and (cell.run_dir / "results.json").is_file()
-        else f"failed (exit {code}, see {log})"
-    )
+    return _status(cell, code, "ran", log)
 
 
 def run_base(comp: Comparison, task: str) -> str:

@@ -164,13 +164,11 @@ class StepProgress:
 
     def state(self) -> dict:
         """The totals through the current step, for a checkpoint."""
-        keys = ("first_loss", "last_loss", "tokens", "peak")
-        first, last, tokens, peak = (getattr(self, k) for k in keys)
         return {
-            "first_loss": first,
-            "last_loss": last,
-            "tokens": tokens,
-            "peak_bytes": peak,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "tokens": self.tokens,
+            "peak_bytes": self.peak,
             "train_s": self.elapsed(),
         }
 
